@@ -1,0 +1,1 @@
+"""The Pulumi program: the AWS side of the migration (filled in by the infra issue)."""

@@ -1,0 +1,98 @@
+"""Small PostgreSQL helpers: connections with application_name, LSN arithmetic, binaries."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import quote, urlsplit, unquote
+
+import psycopg
+
+from .errors import ConfigError, DatabaseError
+from .redact import redact, register_secret
+
+APPLICATION_NAME = "tern"
+
+
+def make_url(host: str, port: int, user: str, password: str | None, database: str) -> str:
+    """Build a postgresql:// URL; the password is registered for redaction."""
+    register_secret(password)
+    auth = quote(user, safe="")
+    if password is not None:
+        auth += ":" + quote(password, safe="")
+    return f"postgresql://{auth}@{host}:{port}/{quote(database, safe='')}"
+
+
+def url_endpoint(url: str) -> tuple[str, int, str]:
+    """(host, port, database) of a URL, without the credentials."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql") or not parts.hostname:
+        raise ConfigError(f"not a PostgreSQL URL: {redact(url)}")
+    if parts.password:
+        register_secret(unquote(parts.password))
+    return parts.hostname, parts.port or 5432, unquote(parts.path.lstrip("/"))
+
+
+@contextmanager
+def connect(url: str, *, purpose: str, autocommit: bool = True, timeout: float = 5.0,
+            options: str | None = None) -> Iterator[psycopg.Connection]:
+    """Open a connection tagged ``tern:<purpose>`` in pg_stat_activity. Errors are redacted."""
+    url_endpoint(url)  # registers the password for redaction
+    kwargs = {"application_name": f"{APPLICATION_NAME}:{purpose}", "connect_timeout": max(1, int(timeout))}
+    if options:
+        kwargs["options"] = options
+    try:
+        conn = psycopg.connect(url, autocommit=autocommit, **kwargs)
+    except psycopg.Error as exc:
+        host, port, db = url_endpoint(url)
+        raise DatabaseError(f"cannot connect to {host}:{port}/{db} ({purpose}): {redact(exc).strip()}") from None
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def lsn_to_int(lsn: str | None) -> int | None:
+    """'16/B374D848' -> integer byte position."""
+    if lsn is None:
+        return None
+    hi, _, lo = str(lsn).partition("/")
+    return (int(hi, 16) << 32) + int(lo, 16)
+
+
+def int_to_lsn(pos: int) -> str:
+    return f"{pos >> 32:X}/{pos & 0xFFFFFFFF:X}"
+
+
+def bindir(configured: str | None = None) -> Path:
+    """The PostgreSQL server binaries: a configured path, TERN_PG_BINDIR, pg_config, or Debian's layout."""
+    candidates: list[str] = []
+    if configured:
+        candidates.append(configured)
+    if os.environ.get("TERN_PG_BINDIR"):
+        candidates.append(os.environ["TERN_PG_BINDIR"])
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        try:
+            candidates.append(subprocess.run([pg_config, "--bindir"], capture_output=True, text=True,
+                                             check=True, timeout=10).stdout.strip())
+        except (subprocess.SubprocessError, OSError):
+            pass
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]), reverse=True)
+    for c in candidates:
+        if (Path(c) / "pg_ctl").exists() and (Path(c) / "initdb").exists():
+            return Path(c)
+    raise ConfigError("PostgreSQL server binaries not found: install PostgreSQL 13+ or set TERN_PG_BINDIR")
+
+
+def server_major(bin_dir: Path) -> int:
+    out = subprocess.run([str(Path(bin_dir) / "postgres"), "--version"], capture_output=True, text=True,
+                         check=True, timeout=10).stdout
+    # "postgres (PostgreSQL) 15.18 (Debian ...)"
+    version = out.split(")")[1].strip().split()[0]
+    return int(version.split(".")[0])

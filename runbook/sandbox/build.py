@@ -1,0 +1,356 @@
+"""Build and tear down the sandbox. See :mod:`runbook.sandbox`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pwd
+import secrets as pysecrets
+import shutil
+import socket
+import subprocess
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from ..adapters.local_app import LocalApp
+from ..adapters.local_host import LocalHost, effective_os_user
+from ..errors import ConfigError, SandboxError
+from ..pg import bindir as find_bindir, make_url, server_major
+from ..postgres import PgHost
+from ..secrets import write_secret_file
+from ..workload.state import AppState, write_state
+
+log = logging.getLogger(__name__)
+
+ZONES = ["us-east-1a", "us-east-1b", "us-east-1c", "us-east-1d", "us-east-1e", "us-east-1f"]
+APP_DB = "app"
+APP_ROLE = "app"
+SANDBOX_SUPERUSER = "postgres"   # Heroku's own operator role: the runbook never uses it on the source
+AURORA_MASTER = "tern_master"
+DATASETS = ("inventory", "chinook")
+
+ARCHIVE_COMMAND = (
+    "d={arch}/wal; if [ -f $d/%f ]; then cmp -s %p $d/%f; "
+    "else cp %p $d/.%f.tmp && sync $d/.%f.tmp && mv $d/.%f.tmp $d/%f; fi"
+)
+
+
+def _free_ports(count: int, start: int = 55432) -> list[int]:
+    ports: list[int] = []
+    port = start
+    while len(ports) < count and port < 65000:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                ports.append(port)
+            except OSError:
+                pass
+        port += 1
+    if len(ports) < count:
+        raise SandboxError("no free loopback ports for the sandbox")
+    return ports
+
+
+class Sandbox:
+    def __init__(self, root: Path, *, pg_bindir: str | None = None, os_user: str = "postgres") -> None:
+        self.root = Path(root).absolute()
+        self.pg_bindir = pg_bindir
+        self.os_user = os_user
+        self.state_file = self.root / "sandbox.json"
+        self.secrets_file = self.root / "secrets.json"
+        self.outputs_file = self.root / "outputs.json"
+        self.archive = self.root / "archive"
+        self.app_dir = self.root / "app"
+
+    # -- helpers ----------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.outputs_file.exists()
+
+    def state(self) -> dict[str, Any]:
+        return json.loads(self.state_file.read_text())
+
+    def node(self, name: str, state: dict[str, Any] | None = None) -> PgHost:
+        state = state or self.state()
+        info = state["nodes"][name]
+        node_dir = self.root / "nodes" / name
+        return PgHost(LocalHost(name, self.os_user), bin_dir=state["bin_dir"], data_dir=str(node_dir / "data"),
+                      socket_dir=str(node_dir / "run"), port=info["port"], superuser=SANDBOX_SUPERUSER,
+                      log_file=str(node_dir / "postgres.log"))
+
+    def app(self) -> LocalApp:
+        return LocalApp(self.app_dir)
+
+    def _chown(self, path: Path) -> None:
+        if os.geteuid() == 0:
+            pw = pwd.getpwnam(self.os_user)
+            for dirpath, dirnames, filenames in os.walk(path):
+                os.chown(dirpath, pw.pw_uid, pw.pw_gid)
+                for f in filenames:
+                    os.chown(os.path.join(dirpath, f), pw.pw_uid, pw.pw_gid)
+
+    def _check_reachable(self) -> None:
+        if os.geteuid() != 0:
+            return
+        probe = subprocess.run(["runuser", "-u", self.os_user, "--", "test", "-x", str(self.root)],
+                               capture_output=True, check=False)
+        if probe.returncode != 0:
+            raise SandboxError(f"the {self.os_user} OS user cannot reach {self.root}: put the sandbox where it can "
+                               "(every parent directory must be traversable), e.g. under /tmp")
+
+    # -- up -----------------------------------------------------------------------
+    def up(self, *, replicas: int = 2, scale: int = 1, dataset: str = "inventory", rate: float = 100.0,
+           start_app: bool = True, progress=None) -> dict[str, Any]:
+        if dataset not in DATASETS:
+            raise ConfigError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
+        if not 2 <= replicas <= len(ZONES):
+            raise ConfigError(f"replicas must be between 2 and {len(ZONES)} (one per availability zone), got {replicas}")
+        if scale < 1 or scale > 1000:
+            raise ConfigError(f"scale must be between 1 and 1000, got {scale}")
+        if rate <= 0:
+            raise ConfigError(f"rate must be positive, got {rate}")
+        step = progress or (lambda msg: log.info(msg))
+        if self.exists():
+            step("sandbox already up: making sure every server runs")
+            self.ensure_running(start_app=start_app)
+            return self.outputs()
+        if self.root.exists():
+            step("removing a half-built sandbox")
+            self.down(check_ledger=False)
+        bin_dir = find_bindir(self.pg_bindir)
+        major = server_major(bin_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o755)
+        self._check_reachable()
+        names = ["source", "aurora"] + [f"ec2-{chr(ord('a') + i)}" for i in range(replicas)]
+        ports = _free_ports(len(names))
+        state = {
+            "bin_dir": str(bin_dir), "pg_major": major, "dataset": dataset, "scale": scale,
+            "os_user": self.os_user, "created_at": time.time(),
+            "nodes": {n: {"port": p, "kind": "source" if n == "source" else "aurora" if n == "aurora" else "ec2"}
+                      for n, p in zip(names, ports)},
+        }
+        for i, n in enumerate(names[2:]):
+            state["nodes"][n]["availability_zone"] = ZONES[i]
+        for sub in ("nodes", "archive/wal", "archive/basebackups"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        for n in names:
+            (self.root / "nodes" / n / "run").mkdir(parents=True, exist_ok=True)
+            os.chmod(self.root / "nodes" / n / "run", 0o700)
+        self._chown(self.root / "nodes")
+        self._chown(self.archive)
+        self.state_file.write_text(json.dumps(state, indent=1))
+        passwords = {k: pysecrets.token_urlsafe(18) for k in ("app_password", "aurora_master_password",
+                                                               "replication_password")}
+        write_secret_file(self.secrets_file, passwords)
+
+        step("creating the Heroku stand-in (source)")
+        self._init_source(state, passwords)
+        step(f"loading the {dataset} dataset (scale {scale})")
+        self._load_data(state, passwords, dataset, scale)
+        step("taking the base backup into the archive")
+        self.take_base_backup(state)
+        step("creating the Aurora stand-in")
+        self._init_aurora(state, passwords)
+        self._write_outputs(state)
+        self.app_dir.mkdir(parents=True, exist_ok=True)
+        write_state(self.app_dir, AppState(
+            config_vars={"DATABASE_URL": self.source_url(state, passwords["app_password"])},
+            formation={"web": 1, "worker": 1}, rate=rate))
+        os.chmod(self.app_dir / "state.json", 0o600)
+        if start_app:
+            step("starting the app (web and worker)")
+            self.app().scale({"web": 1, "worker": 1}, timeout=30)
+        return self.outputs()
+
+    def source_url(self, state: dict[str, Any], password: str) -> str:
+        return make_url("127.0.0.1", state["nodes"]["source"]["port"], APP_ROLE, password, APP_DB)
+
+    def _init_cluster(self, pg: PgHost, conf: dict[str, Any], hba: str) -> None:
+        pg.host.run([f"{pg.bin_dir}/initdb", "-D", pg.data_dir, "-U", SANDBOX_SUPERUSER, "-A", "trust",
+                     "--encoding", "UTF8", "--locale", "C.UTF-8", "--data-checksums"], timeout=120)
+        lines = [f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}" for k, v in conf.items()]
+        lines = [ln.replace('"', "'") for ln in lines]
+        pg.host.run(["sh", "-c", 'cat >> "$1/postgresql.conf"', "sh", pg.data_dir],
+                    input="\n# tern sandbox\n" + "\n".join(lines) + "\n", timeout=10)
+        pg.host.write_file(f"{pg.data_dir}/pg_hba.conf", hba)
+        pg.start(timeout=60)
+
+    @staticmethod
+    def _base_conf(port: int, socket_dir: str) -> dict[str, Any]:
+        return {"listen_addresses": "127.0.0.1", "port": port, "unix_socket_directories": socket_dir,
+                "shared_buffers": "128MB", "max_connections": 100, "password_encryption": "scram-sha-256",
+                "log_line_prefix": "%m [%p] %q%u@%d ", "log_min_messages": "warning"}
+
+    def _init_source(self, state: dict[str, Any], passwords: dict[str, str]) -> None:
+        pg = self.node("source", state)
+        conf = self._base_conf(pg.port, pg.socket_dir)
+        conf.update({
+            "wal_level": "replica", "archive_mode": "on", "archive_timeout": 60,
+            "archive_command": ARCHIVE_COMMAND.format(arch=self.archive),
+            "max_wal_senders": 10, "wal_keep_size": "0",
+        })
+        hba = (f"local all {SANDBOX_SUPERUSER} trust\n"
+               f"local replication {SANDBOX_SUPERUSER} trust\n"
+               "host all all 127.0.0.1/32 scram-sha-256\n"
+               "host replication all 127.0.0.1/32 scram-sha-256\n")
+        self._init_cluster(pg, conf, hba)
+        pg.psql(f"CREATE ROLE {APP_ROLE} LOGIN NOSUPERUSER NOCREATEROLE NOREPLICATION "
+                f"PASSWORD {_literal(passwords['app_password'])}")
+        pg.psql(f"CREATE DATABASE {APP_DB} OWNER {APP_ROLE}")
+        pg.psql("CREATE EXTENSION IF NOT EXISTS amcheck", database=APP_DB)
+
+    def _load_data(self, state: dict[str, Any], passwords: dict[str, str], dataset: str, scale: int) -> None:
+        url = self.source_url(state, passwords["app_password"])
+        schema = resources.files("runbook.workload").joinpath("schema.sql").read_text()
+        seed = resources.files("runbook.workload").joinpath("seed.sql").read_text()
+        with psycopg.connect(url, autocommit=True, application_name="tern:sandbox-load") as conn:
+            conn.execute(schema)
+            conn.execute(seed.replace("%(scale)s", str(int(scale))))
+            if dataset == "chinook":
+                conn.execute(_chinook_sql())
+
+    def take_base_backup(self, state: dict[str, Any] | None = None) -> str:
+        state = state or self.state()
+        pg = self.node("source", state)
+        name = time.strftime("base_%Y%m%dT%H%M%S", time.gmtime())
+        target = self.archive / "basebackups" / name
+        pg.host.run([f"{pg.bin_dir}/pg_basebackup", "-h", pg.socket_dir, "-p", str(pg.port), "-U", SANDBOX_SUPERUSER,
+                     "-D", str(target), "-Ft", "-X", "none", "-c", "fast", "--no-password"], timeout=1800)
+        info = pg.query_one("SELECT system_identifier::text AS system_identifier FROM pg_control_system()")
+        sentinel = {"name": name, "pg_major": state["pg_major"], "system_identifier": info["system_identifier"],
+                    "finished_at": time.time(), "format": "tar", "superuser": SANDBOX_SUPERUSER}
+        pg.host.write_file(str(target / "backup_sentinel.json"), json.dumps(sentinel, indent=1))
+        pg.host.write_file(str(self.archive / "basebackups" / "LATEST"), name + "\n")
+        pg.host.run(["chmod", "-R", "go+rX", str(self.archive)], timeout=60)
+        return name
+
+    def _init_aurora(self, state: dict[str, Any], passwords: dict[str, str]) -> None:
+        pg = self.node("aurora", state)
+        conf = self._base_conf(pg.port, pg.socket_dir)
+        conf.update({"wal_level": "logical", "max_replication_slots": 10, "max_logical_replication_workers": 8,
+                     "max_worker_processes": 16})
+        hba = (f"local all {SANDBOX_SUPERUSER} trust\n"
+               "host all all 127.0.0.1/32 scram-sha-256\n")
+        self._init_cluster(pg, conf, hba)
+        # PostgreSQL 15 lets only a superuser create subscriptions; Aurora's rds_superuser can.
+        pg.psql(f"CREATE ROLE {AURORA_MASTER} LOGIN SUPERUSER PASSWORD {_literal(passwords['aurora_master_password'])}")
+        pg.psql(f"CREATE DATABASE {APP_DB} OWNER {AURORA_MASTER}")
+
+    def _write_outputs(self, state: dict[str, Any]) -> None:
+        ref = f"file:{self.secrets_file}"
+        replicas = []
+        for name, info in state["nodes"].items():
+            if info["kind"] != "ec2":
+                continue
+            node_dir = self.root / "nodes" / name
+            replicas.append({
+                "name": name, "availability_zone": info["availability_zone"], "host": "127.0.0.1",
+                "port": info["port"], "database": APP_DB, "data_dir": str(node_dir / "data"),
+                "bin_dir": state["bin_dir"], "socket_dir": str(node_dir / "run"),
+                "commands": {"kind": "local", "os_user": self.os_user},
+            })
+        outputs = {
+            "schema_version": 1, "stack": "local", "rehearsal": True, "region": "us-east-1",
+            "source": {"heroku_app": "tern-sandbox-app", "database_url_var": "DATABASE_URL",
+                       "archive": {"kind": "directory", "location": str(self.archive), "base_backup": "LATEST"},
+                       "pg_major": state["pg_major"]},
+            "app": {"kind": "local", "name": "tern-sandbox-app", "state_dir": str(self.app_dir)},
+            "replicas": replicas,
+            "aurora": {"writer_endpoint": "127.0.0.1", "reader_endpoint": "127.0.0.1",
+                       "port": state["nodes"]["aurora"]["port"], "database": APP_DB,
+                       "master_user": AURORA_MASTER, "master_password": f"{ref}#aurora_master_password"},
+            "dms": None,
+            "credentials": {"replication_password": f"{ref}#replication_password"},
+        }
+        from ..contract import parse
+
+        parse(outputs, origin="sandbox outputs")  # the sandbox must honour the contract it promises
+        self.outputs_file.write_text(json.dumps(outputs, indent=1))
+
+    def outputs(self) -> dict[str, Any]:
+        return json.loads(self.outputs_file.read_text())
+
+    def ensure_running(self, *, start_app: bool = True) -> None:
+        state = self.state()
+        for name in state["nodes"]:
+            pg = self.node(name, state)
+            if pg.has_data():
+                pg.start(timeout=60)
+        if start_app:
+            app = self.app()
+            formation = app.formation()
+            app.scale(formation, timeout=30)
+
+    # -- down ---------------------------------------------------------------------
+    def down(self, *, check_ledger: bool = True) -> dict[str, Any] | None:
+        """Stop the app, check its ledger against the database it writes to, stop every server, remove all."""
+        result = None
+        if not self.root.exists():
+            return None
+        app = self.app()
+        if (self.app_dir / "state.json").exists():
+            app.stop_all(timeout=15)
+            if check_ledger and self.state_file.exists():
+                result = self.check_ledger()
+        if self.state_file.exists():
+            state = self.state()
+            for name in state["nodes"]:
+                pg = self.node(name, state)
+                try:
+                    pg.stop(mode="fast", timeout=30)
+                except Exception:  # noqa: BLE001 - a server that will not stop is killed
+                    pg.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+        return result
+
+    def check_ledger_after_stop(self) -> dict[str, Any]:
+        """Stop the app (keeping its formation), then check the ledger."""
+        self.app().stop_all(timeout=15)
+        return self.check_ledger()
+
+    def check_ledger(self) -> dict[str, Any]:
+        """The ledger against the database DATABASE_URL points at now (the app must be stopped)."""
+        from ..pg import url_endpoint
+        from ..workload import ledger
+
+        app = self.app()
+        url = app.config_var("DATABASE_URL")
+        host, port, _ = url_endpoint(url)
+        entries = ledger.read(self.app_dir)
+        with psycopg.connect(url, autocommit=True, application_name="tern:ledger-check") as conn:
+            res = ledger.check(entries, conn, exact=True)
+        return {"endpoint": f"{host}:{port}", "acknowledged": res.acknowledged, "in_doubt": res.in_doubt,
+                "missing": res.lost, "missing_keys": {t: v[:20] for t, v in res.missing.items()},
+                "unexplained": sum(len(v) for v in res.unexplained.values()), "ok": res.ok}
+
+
+def _literal(value: str) -> str:
+    return sql.Literal(value).as_string(None)
+
+
+def _chinook_sql() -> str:
+    """The Chinook script without its DROP/CREATE DATABASE and \\c lines (loaded into the app's database)."""
+    candidates = [Path(os.environ.get("TERN_SHARED_DIR", "")) / "datasets/chinook/chinook.sql",
+                  Path(__file__).resolve().parents[2].parent / "shared/datasets/chinook/chinook.sql"]
+    for path in candidates:
+        if path.is_file():
+            break
+    else:
+        raise ConfigError("the chinook dataset is not found (looked for ../shared/datasets/chinook/chinook.sql; "
+                          "set TERN_SHARED_DIR)")
+    keep = []
+    for line in path.read_text().splitlines():
+        s = line.strip().upper()
+        if s.startswith("DROP DATABASE") or s.startswith("CREATE DATABASE") or s.startswith("\\C"):
+            continue
+        keep.append(line)
+    return "\n".join(keep)
+
+
+__all__ = ["Sandbox", "effective_os_user"]
