@@ -96,3 +96,17 @@ def server_major(bin_dir: Path) -> int:
     # "postgres (PostgreSQL) 15.18 (Debian ...)"
     version = out.split(")")[1].strip().split()[0]
     return int(version.split(".")[0])
+
+
+def with_endpoint(url: str, host: str, port: int) -> str:
+    """The same URL (user, password, database) pointed at another host and port."""
+    from urllib.parse import urlunsplit
+
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = (userinfo + "@" if userinfo else "") + f"{host}:{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def url_user(url: str) -> str:
+    return unquote(urlsplit(url).username or "")

@@ -56,9 +56,9 @@ class PgHost:
         if self.is_running():
             return
         argv = [self._bin("pg_ctl"), "start", "-D", self.data_dir, "-w", "-t", str(int(timeout)),
-                "-o", f"-p {self.port} -k {self.socket_dir}"]
-        if self.log_file:
-            argv += ["-l", self.log_file]
+                "-o", f"-p {self.port} -k {self.socket_dir}",
+                # always a log file: without one the server would hold our stdout pipe open
+                "-l", self.log_file or self.data_dir.rstrip("/") + ".log"]
         self.host.run(argv, timeout=timeout + 10)
 
     def stop(self, *, mode: str = "fast", timeout: float = 60) -> None:
@@ -80,10 +80,12 @@ class PgHost:
         return self.superuser
 
     def psql(self, statement: str, *, database: str | None = None, timeout: float = 30) -> str:
+        """Run SQL as the database superuser over the host's socket; the SQL goes through stdin,
+        never the command line (which other local users could read)."""
         argv = [self._bin("psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
                 "-h", self.socket_dir, "-p", str(self.port), "-U", self._user(),
-                "-d", database or self.database, "-c", statement]
-        res = self.host.run(argv, timeout=timeout, check=False)
+                "-d", database or self.database, "-f", "-"]
+        res = self.host.run(argv, timeout=timeout, check=False, input=statement)
         if res.returncode != 0:
             raise DatabaseError(f"{self.host.name}: SQL failed: {res.stderr.strip()[-400:]}")
         return res.stdout

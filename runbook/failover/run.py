@@ -1,0 +1,64 @@
+"""Run (or resume, or dry-run) a failover plan with its journal, then write its report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from .. import report as report_mod
+from ..adapters import app_for
+from ..contract import Outputs
+from ..errors import ConfigError, StepError
+from ..journal import Journal
+from ..settings import Settings
+from ..steps import Runner
+from . import ec2
+from .context import Context
+
+
+def failover_ec2(outputs: Outputs, settings: Settings, *, candidate: str | None = None, dry_run: bool = False,
+                 confirm: Callable[[str], bool], progress: Callable[[str], None] | None = None,
+                 hooks: dict[str, Callable[[Any], None]] | None = None) -> dict[str, Any]:
+    if candidate is not None:
+        outputs.replica(candidate)  # unknown name: ContractError before anything happens
+    state_dir = Path(settings.state_dir)
+    journal = Journal.current(state_dir, ec2.KIND)
+    if journal is not None:
+        previous = journal.context().get("requested_candidate")
+        if candidate and previous and candidate != previous:
+            raise ConfigError(f"run {journal.run_id} is in progress with candidate {previous}; "
+                              f"run again without --candidate (or with --candidate {previous}) to resume it")
+        if progress:
+            progress(f"resuming run {journal.run_id}")
+    app = app_for(outputs.app)
+    if dry_run:
+        journal = journal or Journal(Path("/dev/null"), "dry-run", ec2.KIND)
+        ctx = Context(outputs, settings, app, journal, data=journal.context(), progress=progress)
+        ctx.data.setdefault("requested_candidate", candidate)
+        runner = Runner(journal, ec2.plan(), confirm=confirm)
+        rows = [{"step": s.name, "title": s.title, "state": state} for s, state in runner.plan(ctx)]
+        choice: dict[str, Any] = {}
+        if "candidate" not in ctx.data:
+            try:
+                choice = ec2.preflight(ctx)
+            except Exception as exc:  # noqa: BLE001 - a dry run reports what would stop the real one
+                choice = {"preflight_error": str(exc)}
+        return {"dry_run": True, "run_id": journal.run_id if journal.path != Path("/dev/null") else None,
+                "plan": rows, "candidate": ctx.data.get("candidate") or choice.get("candidate"),
+                "preflight": {k: v for k, v in choice.items() if k in ("detail", "preflight_error")}}
+    if journal is None:
+        journal = Journal.create(state_dir, ec2.KIND, requested_candidate=candidate, stack=outputs.stack)
+    ctx = Context(outputs, settings, app, journal, data=journal.context(), progress=progress)
+    runner = Runner(journal, ec2.plan(), confirm=confirm, hooks=hooks or {},
+                    progress=progress or (lambda m: None))
+    error: StepError | None = None
+    try:
+        runner.run(ctx)
+    except StepError as exc:
+        error = exc
+    report = report_mod.build(journal, outputs)
+    report_mod.save(journal, report)
+    if error is not None:
+        error.context["report"] = report
+        raise error
+    return report

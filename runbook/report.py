@@ -1,0 +1,100 @@
+"""The report of a run: steps, the write-unavailability window, acknowledged writes lost.
+
+JSON keys (stable):
+
+``run_id``, ``kind``, ``outcome`` (completed | fell_back | failed | in_progress), ``reason``,
+``candidate``, ``new_leader``, ``steps[]`` (``name``, ``started_at``, ``ended_at``, ``seconds``,
+``outcome``, ``detail``), ``downtime`` (``maintenance_at``, ``switched_at``, ``app_started_at``),
+``write_unavailability`` (``last_ack_on_source``, ``first_ack_on_target``, ``seconds``; from the
+app's ledger, sandbox only), ``acknowledged_writes``, ``missing_on_target`` (must be 0),
+``missing_keys``, ``verification``, ``repoint_failures``, ``catchup_seconds``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .adapters import app_for
+from .contract import Outputs
+from .errors import ConfigError, RunbookError
+from .journal import Journal
+from .pg import connect, url_endpoint
+
+
+def build(journal: Journal, outputs: Outputs | None) -> dict[str, Any]:
+    ctx = journal.context()
+    outcome = journal.outcome()
+    steps = [{"name": s.name, "started_at": s.started_at, "ended_at": s.ended_at,
+              "seconds": None if s.started_at is None or s.ended_at is None else round(s.ended_at - s.started_at, 3),
+              "outcome": s.outcome or "in progress", "detail": s.detail} for s in journal.steps()]
+    report: dict[str, Any] = {
+        "run_id": journal.run_id, "kind": journal.kind,
+        "outcome": outcome[0] if outcome else ("failed" if any(s["outcome"] == "failed" for s in steps) else "in_progress"),
+        "reason": outcome[1] if outcome else "",
+        "candidate": ctx.get("candidate"), "new_leader": ctx.get("new_leader"),
+        "steps": steps,
+        "downtime": {"maintenance_at": ctx.get("maintenance_at"), "switched_at": ctx.get("switched_at"),
+                     "app_started_at": ctx.get("started_at")},
+        "catchup_seconds": ctx.get("catchup_seconds"),
+        "verification": ctx.get("verification"),
+        "repoint_failures": ctx.get("repoint_failures") or {},
+        "write_unavailability": None, "acknowledged_writes": None, "missing_on_target": None, "missing_keys": {},
+    }
+    if outputs is not None and outputs.app.kind == "local":
+        try:
+            report.update(ledger_figures(outputs, ctx))
+        except RunbookError as exc:
+            report["ledger_error"] = str(exc)
+    return report
+
+
+def ledger_figures(outputs: Outputs, ctx: dict[str, Any]) -> dict[str, Any]:
+    """From the sandbox app's ledger: the window without acknowledged writes, and writes lost on the target."""
+    from .workload import ledger
+
+    entries = [e for e in ledger.read(outputs.app.state_dir)]
+    acks = [e for e in entries if e.ev == "ack"]
+    source = ctx.get("source_endpoint")
+    leader = None
+    if ctx.get("new_leader"):
+        r = outputs.replica(ctx["new_leader"])
+        leader = f"{r.host}:{r.port}"
+    figures: dict[str, Any] = {"acknowledged_writes": len(acks)}
+    t_maint = ctx.get("maintenance_at") or ctx.get("fenced_at")
+    if source and t_maint:
+        before = [e.ts for e in acks if e.endpoint == source and e.ts <= (ctx.get("fenced_at") or t_maint) + 5]
+        last_src = max(before) if before else None
+        after_target = leader or source   # fell back: the first write back on the source
+        first = [e.ts for e in acks if e.endpoint == after_target and last_src is not None and e.ts > last_src]
+        first_tgt = min(first) if first else None
+        figures["write_unavailability"] = {
+            "last_ack_on_source": last_src, "first_ack_on_target": first_tgt, "target": after_target,
+            "seconds": round(first_tgt - last_src, 3) if first_tgt and last_src else None}
+    # every acknowledged write must be on the database the app uses now
+    app = app_for(outputs.app)
+    url = app.config_var(outputs.source.database_url_var)
+    if url:
+        with connect(url, purpose="report", timeout=5) as conn:
+            check = ledger.check(entries, conn, exact=False)
+        figures["missing_on_target"] = check.lost
+        figures["missing_keys"] = {t: v[:20] for t, v in check.missing.items()}
+        figures["checked_on"] = "{}:{}".format(*url_endpoint(url)[:2])
+    return figures
+
+
+def save(journal: Journal, report: dict[str, Any]) -> Path:
+    path = journal.run_dir / "report.json"
+    path.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+    return path
+
+
+def load_journal(state_dir: Path, run_id: str | None) -> Journal:
+    run_id = run_id or Journal.latest(state_dir)
+    if run_id is None:
+        raise ConfigError(f"no run recorded in {state_dir}/runs")
+    path = Path(state_dir) / "runs" / run_id / "journal.jsonl"
+    if not path.exists():
+        raise ConfigError(f"no run {run_id!r} in {state_dir}/runs")
+    return Journal.load(state_dir, run_id)
