@@ -68,7 +68,7 @@ def failover_ec2(c, candidate=None, dry_run=False, yes=False, stack=None, json=F
         except StepError as exc:
             report = exc.context.get("report")
             if report:
-                render_report(report)
+                render_report(report, console if json else out)
                 if json:
                     print_json(report)
             raise
@@ -85,7 +85,7 @@ def failover_ec2(c, candidate=None, dry_run=False, yes=False, stack=None, json=F
         out.print(table)
         out.print(f"candidate: {result['candidate']} {result['preflight']}")
         return
-    render_report(result)
+    render_report(result, console if json else out)
     if json:
         print_json(result)
     if result.get("missing_on_target"):
@@ -109,7 +109,7 @@ def report(c, run=None, json=False, stack=None):
     render_report(data)
 
 
-def render_report(r) -> None:
+def render_report(r, out=out) -> None:
     table = Table(title=f"{r['kind']} {r['run_id']}: {r['outcome']}")
     for col in ("step", "outcome", "seconds", "detail"):
         table.add_column(col)
