@@ -42,6 +42,9 @@ class Settings:
     # thresholds
     max_lag_bytes: int = 64 * 1024 * 1024
     sample_percent: float = 5.0
+    # fill: complete the WAL segment with pg_logical_emit_message (tern's way);
+    # archive_timeout: wait for the source to archive it on its own (the naive baseline)
+    flush_mode: str = "fill"
 
     extra: Mapping[str, Any] = field(default_factory=dict)
 

@@ -239,7 +239,9 @@ def flush(ctx: Context) -> dict[str, Any]:
                            "WHEN 'MB' THEN 1048576 ELSE 1 END FROM pg_settings WHERE name = 'wal_segment_size'"
                            ).fetchone()[0]
         pos = lsn_to_int(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
-        if pos // seg == final_lsn // seg or pos % seg == 0:
+        if ctx.settings.flush_mode not in ("fill", "archive_timeout"):
+            raise PreflightError(f"unknown flush_mode {ctx.settings.flush_mode!r} (fill or archive_timeout)")
+        if ctx.settings.flush_mode == "fill" and (pos // seg == final_lsn // seg or pos % seg == 0):
             # fill the rest of the segment holding the final LSN: it is complete, so it is archived now
             fill = seg - pos % seg + 64
             conn.execute("BEGIN")
@@ -387,7 +389,7 @@ def repoint_one(ctx: Context, name: str, leader, lpg, password: str) -> str:
                 f"ALTER SYSTEM SET primary_slot_name = {literal(slot)};\n"
                 "SELECT pg_reload_conf();")
         try:
-            return wait_streaming(ctx, pg, leader, slot, want, timeout=min(10.0, ctx.settings.repoint_timeout))
+            return wait_streaming(ctx, pg, leader, slot, want, timeout=min(3.0, ctx.settings.repoint_timeout))
         except TimeoutExpired as exc:
             # It read WAL of the old timeline past the fork (the archive's last segment ends inside a
             # record the new leader never replayed): it cannot follow. Rebuild it from the new leader.
