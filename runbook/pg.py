@@ -29,13 +29,20 @@ def make_url(host: str, port: int, user: str, password: str | None, database: st
 
 
 def url_endpoint(url: str) -> tuple[str, int, str]:
-    """(host, port, database) of a URL, without the credentials."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("postgres", "postgresql") or not parts.hostname:
+    """(host, port, database) of a URL, without the credentials (the host may be a socket directory)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    if not url.startswith(("postgres://", "postgresql://")):
         raise ConfigError(f"not a PostgreSQL URL: {redact(url)}")
-    if parts.password:
-        register_secret(unquote(parts.password))
-    return parts.hostname, parts.port or 5432, unquote(parts.path.lstrip("/"))
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.Error:
+        raise ConfigError(f"not a valid PostgreSQL URL: {redact(url)}") from None
+    if params.get("password"):
+        register_secret(str(params["password"]))
+    if not params.get("host"):
+        raise ConfigError(f"PostgreSQL URL without a host: {redact(url)}")
+    return str(params["host"]), int(params.get("port") or 5432), str(params.get("dbname") or "")
 
 
 @contextmanager

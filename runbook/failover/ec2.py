@@ -300,9 +300,9 @@ def verify(ctx: Context) -> dict[str, Any]:
     summary = result.summary()
     ctx.journal.record("verify", "progress", context={"verification": summary})
     if not result.ok:
-        raise VerificationError("frozen source and candidate differ: " + "; ".join(result.all_differences()[:10]))
+        raise VerificationError("frozen source and candidate differ: " + "; ".join(result.differences()[:10]))
     return {"verification": summary, "detail": f"{summary['tables']} tables, {summary['rows']:,} rows counted, "
-                                               f"{summary['sampled_rows']:,} sampled, {summary['sequences']} sequences at or ahead: equal"}
+                                               f"{summary['sampled_rows']:,} sampled, sequences at or ahead, schema equal"}
 
 
 # -- 8. promote (point of no return) -------------------------------------------------

@@ -41,9 +41,12 @@ ARCHIVE_COMMAND = (
 )
 
 
-def _free_ports(count: int, start: int = 55432) -> list[int]:
+def _free_ports(count: int, start: int | None = None) -> list[int]:
+    """Free loopback ports; the scan starts at a random point so concurrent sandboxes rarely race."""
+    import random
+
     ports: list[int] = []
-    port = start
+    port = start if start is not None else 55432 + random.randrange(0, 4000)
     while len(ports) < count and port < 65000:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
@@ -171,7 +174,7 @@ class Sandbox:
     def source_url(self, state: dict[str, Any], password: str) -> str:
         return make_url("127.0.0.1", state["nodes"]["source"]["port"], APP_ROLE, password, APP_DB)
 
-    def _init_cluster(self, pg: PgHost, conf: dict[str, Any], hba: str) -> None:
+    def _init_cluster(self, pg: PgHost, conf: dict[str, Any], hba: str, state: dict[str, Any]) -> None:
         pg.host.run([f"{pg.bin_dir}/initdb", "-D", pg.data_dir, "-U", SANDBOX_SUPERUSER, "-A", "trust",
                      "--encoding", "UTF8", "--locale", "C.UTF-8", "--data-checksums"], timeout=120)
         lines = [f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}" for k, v in conf.items()]
@@ -179,7 +182,25 @@ class Sandbox:
         pg.host.run(["sh", "-c", 'cat >> "$1/postgresql.conf"', "sh", pg.data_dir],
                     input="\n# tern sandbox\n" + "\n".join(lines) + "\n", timeout=10)
         pg.host.write_file(f"{pg.data_dir}/pg_hba.conf", hba)
-        pg.start(timeout=60)
+        self._start_new(pg, state)
+
+    def _start_new(self, pg: PgHost, state: dict[str, Any], attempts: int = 5) -> None:
+        """Start a new cluster; if another process took its port meanwhile, move to a free one."""
+        from ..errors import CommandError
+
+        for attempt in range(attempts):
+            try:
+                pg.start(timeout=60)
+                return
+            except CommandError:
+                log_text = pg.host.read_file(pg.log_file or "") or ""
+                if "already in use" not in log_text or attempt == attempts - 1:
+                    raise
+                pg.port = _free_ports(1)[0]
+                pg.host.run(["sh", "-c", 'echo "port = $2" >> "$1/postgresql.conf"', "sh", pg.data_dir,
+                             str(pg.port)], timeout=10)
+                state["nodes"][pg.host.name]["port"] = pg.port
+                self.state_file.write_text(json.dumps(state, indent=1))
 
     @staticmethod
     def _base_conf(port: int, socket_dir: str) -> dict[str, Any]:
@@ -199,7 +220,7 @@ class Sandbox:
                f"local replication {SANDBOX_SUPERUSER} trust\n"
                "host all all 127.0.0.1/32 scram-sha-256\n"
                "host replication all 127.0.0.1/32 scram-sha-256\n")
-        self._init_cluster(pg, conf, hba)
+        self._init_cluster(pg, conf, hba, state)
         pg.psql(f"CREATE ROLE {APP_ROLE} LOGIN NOSUPERUSER NOCREATEROLE NOREPLICATION "
                 f"PASSWORD {_literal(passwords['app_password'])}")
         pg.psql(f"CREATE DATABASE {APP_DB} OWNER {APP_ROLE}")
@@ -237,7 +258,7 @@ class Sandbox:
                      "max_worker_processes": 16})
         hba = (f"local all {SANDBOX_SUPERUSER} trust\n"
                "host all all 127.0.0.1/32 scram-sha-256\n")
-        self._init_cluster(pg, conf, hba)
+        self._init_cluster(pg, conf, hba, state)
         # PostgreSQL 15 lets only a superuser create subscriptions; Aurora's rds_superuser can.
         pg.psql(f"CREATE ROLE {AURORA_MASTER} LOGIN SUPERUSER PASSWORD {_literal(passwords['aurora_master_password'])}")
         pg.psql(f"CREATE DATABASE {APP_DB} OWNER {AURORA_MASTER}")

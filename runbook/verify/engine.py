@@ -1,0 +1,592 @@
+"""The verification engine: schema, counts, sampling and full-content checksums.
+
+* Each side is read in one snapshot: a coordinator connection opens a REPEATABLE READ,
+  READ ONLY transaction and exports its snapshot; every worker connection imports it.
+* ``full``: per table, chunks by primary-key ranges; each chunk's ``count(*)`` and
+  ``sum(hash_record_extended(row, 0))`` are computed server side, on both sides at once.
+  A chunk that differs is split until small enough, then compared row by row, and each
+  row is reported by key as missing, extra or changed (with the columns that differ).
+  A table without a primary key gets a whole-table multiset hash (not localizable).
+* The result is ``ok`` only when everything requested was checked and equal: an error,
+  a table that could not be checked, or any difference makes it fail.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import psycopg
+from psycopg import sql
+
+from ..errors import ConfigError, RunbookError
+from ..pg import connect
+from ..redact import redact
+from . import schema as schema_mod
+
+MODES = ("schema", "counts", "sample", "full")
+LEAF_ROWS = 2000          # a differing chunk this small is compared row by row
+SPLIT_PARTS = 16          # a larger differing chunk is split into this many parts
+MAX_REPORTED_ROWS = 1000  # per table
+MAX_SAMPLE_KEYS = 20000
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class RowDifference:
+    key: dict[str, Any]
+    kind: str                      # missing | extra | changed
+    columns: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        key = ", ".join(f"{k}={v}" for k, v in self.key.items())
+        if self.kind == "missing":
+            return f"row ({key}) is missing on the target"
+        if self.kind == "extra":
+            return f"row ({key}) exists only on the target"
+        return f"row ({key}) differs in {', '.join(self.columns) or 'its content'}"
+
+
+@dataclass
+class TableReport:
+    table: str
+    primary_key: list[str] = field(default_factory=list)
+    source_rows: int | None = None
+    target_rows: int | None = None
+    chunks: int = 0
+    differing_chunks: int = 0
+    checked_rows: int = 0
+    rows: list[RowDifference] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    error: str | None = None
+    seconds: float = 0.0
+    checked: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.checked and self.error is None and not self.rows and not self.problems
+
+    def lines(self) -> list[str]:
+        out = [f"{self.table}: {p}" for p in self.problems]
+        out += [f"{self.table}: {r.line()}" for r in self.rows]
+        if self.error:
+            out.append(f"{self.table}: could not be checked: {self.error}")
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"table": self.table, "ok": self.ok, "primary_key": self.primary_key,
+                "source_rows": self.source_rows, "target_rows": self.target_rows, "chunks": self.chunks,
+                "differing_chunks": self.differing_chunks, "checked_rows": self.checked_rows,
+                "missing": [r.key for r in self.rows if r.kind == "missing"],
+                "extra": [r.key for r in self.rows if r.kind == "extra"],
+                "changed": [{"key": r.key, "columns": r.columns} for r in self.rows if r.kind == "changed"],
+                "problems": self.problems, "error": self.error, "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class VerifyReport:
+    mode: str
+    schema: list[str] = field(default_factory=list)
+    sequences: list[str] = field(default_factory=list)
+    tables: list[TableReport] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    snapshot: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    sample_percent: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.schema and not self.sequences and not self.errors and all(t.ok for t in self.tables)
+
+    def differences(self) -> list[str]:
+        out = list(self.errors) + list(self.schema) + list(self.sequences)
+        for t in self.tables:
+            out += t.lines()
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "mode": self.mode, "seconds": round(self.seconds, 3),
+                "schema_differences": self.schema, "sequence_differences": self.sequences, "errors": self.errors,
+                "snapshot": self.snapshot, "tables": [t.to_json() for t in self.tables],
+                "sample_percent": self.sample_percent}
+
+    def summary(self) -> dict[str, Any]:
+        """The short form the failover journals and reports carry."""
+        return {"ok": self.ok, "mode": self.mode, "tables": len(self.tables),
+                "rows": sum(t.source_rows or 0 for t in self.tables),
+                "sampled_rows": sum(t.checked_rows for t in self.tables), "sequences_checked": True,
+                "sample_percent": self.sample_percent, "differences": self.differences()[:50]}
+
+
+# -- snapshots ------------------------------------------------------------------------------
+class Side:
+    """One database, read in one snapshot by any number of connections."""
+
+    def __init__(self, name: str, url: str, stack: ExitStack, timeout: float) -> None:
+        self.name = name
+        self.url = url
+        self.timeout = timeout
+        self.stack = stack
+        self.coordinator = stack.enter_context(connect(url, purpose=f"verify-{name}", autocommit=False,
+                                                       timeout=timeout))
+        self.coordinator.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        try:
+            self.snapshot: str | None = self.coordinator.execute("SELECT pg_export_snapshot()").fetchone()[0]
+        except psycopg.Error:
+            # cannot export here: read everything through this one connection, in one snapshot
+            self.coordinator.rollback()
+            self.coordinator.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            self.snapshot = None
+        self._lock = threading.Lock()
+
+    def worker_connection(self) -> psycopg.Connection:
+        if self.snapshot is None:
+            return self.coordinator
+        conn = self.stack.enter_context(connect(self.url, purpose=f"verify-{self.name}", autocommit=False,
+                                                timeout=self.timeout))
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        conn.execute("SET TRANSACTION SNAPSHOT %s" % sql.Literal(self.snapshot).as_string(None))
+        return conn
+
+
+# -- table model ------------------------------------------------------------------------------
+TABLES_SQL = """
+SELECT n.nspname || '.' || c.relname,
+       coalesce((SELECT array_agg(a.attname::text ORDER BY k.ord)
+                 FROM pg_index i
+                 CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                 WHERE i.indrelid = c.oid AND i.indisprimary), '{}') AS pk,
+       coalesce((SELECT format_type(a.atttypid, NULL) FROM pg_index i
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                 WHERE i.indrelid = c.oid AND i.indisprimary AND i.indnatts = 1), '') AS pk_type,
+       (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
+        WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS columns,
+       (SELECT coalesce(array_agg(a.attname::text ORDER BY a.attnum), '{}') FROM pg_attribute a
+        JOIN pg_type ty ON ty.oid = a.atttypid
+        JOIN pg_type bt ON bt.oid = CASE WHEN ty.typtype = 'd' THEN ty.typbasetype ELSE ty.oid END
+        LEFT JOIN pg_type et ON et.oid = bt.typelem AND bt.typcategory = 'A'
+        WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+          AND (bt.typtype = 'e' OR et.typtype = 'e' OR bt.typname LIKE 'reg%%' OR et.typname LIKE 'reg%%'
+               OR bt.typtype = 'c' OR et.typtype = 'c')) AS text_hashed
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%'
+  AND n.nspname NOT LIKE 'pg_temp%%'
+ORDER BY 1
+"""
+
+SEQUENCES_SQL = ("SELECT schemaname || '.' || sequencename, last_value, has_sequence_privilege("
+                 "quote_ident(schemaname) || '.' || quote_ident(sequencename), 'SELECT') FROM pg_sequences ORDER BY 1")
+
+INTEGER_TYPES = {"smallint", "integer", "bigint"}
+
+
+@dataclass
+class Table:
+    name: str
+    pk: list[str]
+    pk_type: str
+    columns: list[str]
+    text_hashed: list[str] = field(default_factory=list)
+    hash_expr: str = "hash_record_extended(t.*, 0)"
+
+    def __post_init__(self) -> None:
+        # enum (and reg*, composite) values hash by OID, which differs between clusters: hash their text
+        if self.text_hashed:
+            parts = [sql.SQL("t.{}::text").format(sql.Identifier(c)) if c in self.text_hashed
+                     else sql.SQL("t.{}").format(sql.Identifier(c)) for c in self.columns]
+            self.hash_expr = sql.SQL("hash_record_extended(ROW({}), 0)").format(sql.SQL(", ").join(parts)) \
+                .as_string(None)
+
+    @property
+    def ident(self) -> sql.Composable:
+        schema, _, name = self.name.partition(".")
+        return sql.Identifier(schema, name)
+
+    @property
+    def pk_cols(self) -> sql.Composable:
+        return sql.SQL(", ").join(sql.Identifier(c) for c in self.pk)
+
+    @property
+    def pk_row(self) -> sql.Composable:
+        return sql.SQL("ROW({})").format(self.pk_cols) if len(self.pk) > 1 else sql.Identifier(self.pk[0])
+
+
+@dataclass
+class Chunk:
+    """A key range: lower (exclusive unless ``lower_incl``) to upper (inclusive unless not ``upper_incl``)."""
+
+    lower: tuple | None = None
+    upper: tuple | None = None
+    lower_incl: bool = False
+    upper_incl: bool = True
+    parent: "Chunk | None" = None
+
+    def predicate(self, table: Table) -> tuple[sql.Composable, list[Any]]:
+        parts: list[sql.Composable] = []
+        params: list[Any] = []
+        for bound, op, incl_op in ((self.lower, ">", ">="), (self.upper, "<", "<=")):
+            if bound is None:
+                continue
+            use = (incl_op if (self.lower_incl if op == ">" else self.upper_incl) else op)
+            if len(bound) > 1:
+                ph = sql.SQL("ROW({})").format(sql.SQL(", ").join(sql.Placeholder() for _ in bound))
+            else:
+                ph = sql.Placeholder()
+            parts.append(sql.SQL("{} " + use + " {}").format(table.pk_row, ph))
+            params += list(bound)
+        if self.parent is not None:
+            p_sql, p_params = self.parent.predicate(table)
+            parts.append(p_sql)
+            params += p_params
+        if not parts:
+            return sql.SQL("true"), []
+        return sql.SQL(" AND ").join(parts), params
+
+
+# -- the engine ------------------------------------------------------------------------------
+def verify(source_url: str, target_url: str, *, mode: str = "full", tables: list[str] | None = None,
+           sample_percent: float = 5.0, jobs: int = 2, chunk_rows: int = 100_000, sequences: str = "at_least",
+           timeout: float = 10.0, progress: Progress | None = None) -> VerifyReport:
+    if mode not in MODES:
+        raise ConfigError(f"unknown verification mode {mode!r}; choose one of: {', '.join(MODES)}")
+    if jobs < 1 or jobs > 64:
+        raise ConfigError(f"--jobs must be between 1 and 64, got {jobs}")
+    if not 0 < sample_percent <= 100:
+        raise ConfigError(f"--sample-pct must be in (0, 100], got {sample_percent}")
+    t0 = time.monotonic()
+    report = VerifyReport(mode=mode, sample_percent=sample_percent if mode == "sample" else 0.0)
+    with ExitStack() as stack:
+        src = Side("source", source_url, stack, timeout)
+        dst = Side("target", target_url, stack, timeout)
+        report.snapshot = {"source": "exported" if src.snapshot else "single connection",
+                           "target": "exported" if dst.snapshot else "single connection"}
+        s_schema = schema_mod.describe(src.coordinator)
+        d_schema = schema_mod.describe(dst.coordinator)
+        s_tables = _tables(src.coordinator)
+        d_tables = _tables(dst.coordinator)
+        wanted = _select(tables, s_tables, d_tables)
+        report.schema = schema_mod.compare(s_schema, d_schema, set(wanted) if tables else None)
+        if mode == "schema":
+            report.seconds = time.monotonic() - t0
+            return report
+        report.sequences = _sequences(src.coordinator, dst.coordinator, sequences)
+        todo = [s_tables[n] for n in wanted if n in s_tables and n in d_tables]
+        for n in wanted:
+            if n not in d_tables and n in s_tables:
+                tr = TableReport(n, error="table is missing on the target")
+                report.tables.append(tr)
+            elif n not in s_tables:
+                report.tables.append(TableReport(n, error="table exists only on the target"))
+        report.tables += _run_tables(todo, src, dst, mode, sample_percent, jobs, chunk_rows, progress)
+        report.tables.sort(key=lambda t: t.table)
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+def _tables(conn) -> dict[str, Table]:
+    return {r[0]: Table(r[0], list(r[1]), r[2], list(r[3] or []), list(r[4] or []))
+            for r in conn.execute(TABLES_SQL).fetchall()}
+
+
+def _select(tables: list[str] | None, s_tables: dict, d_tables: dict) -> list[str]:
+    if not tables:
+        return sorted(set(s_tables) | set(d_tables))
+    out = []
+    for t in tables:
+        name = t if "." in t else f"public.{t}"
+        if name not in s_tables and name not in d_tables:
+            raise ConfigError(f"table {t!r} exists on neither side")
+        out.append(name)
+    return out
+
+
+def _sequences(src, dst, mode: str) -> list[str]:
+    s = {r[0]: (r[1], r[2]) for r in src.execute(SEQUENCES_SQL).fetchall()}
+    d = {r[0]: (r[1], r[2]) for r in dst.execute(SEQUENCES_SQL).fetchall()}
+    out = []
+    for name in sorted(set(s) | set(d)):
+        if name not in d:
+            out.append(f"sequence {name} is missing on the target")
+            continue
+        if name not in s:
+            continue  # reported by the schema check
+        (sv, s_priv), (dv, d_priv) = s[name], d[name]
+        if not (s_priv and d_priv):
+            out.append(f"sequence {name} could not be read (no SELECT privilege)")
+        elif mode == "equal" and sv != dv:
+            out.append(f"sequence {name}: source {sv}, target {dv}")
+        elif (sv or 0) > (dv or 0):
+            out.append(f"sequence {name} is behind: source {sv}, target {dv} (the next insert would reuse keys)")
+    return out
+
+
+def _run_tables(todo: list[Table], src: Side, dst: Side, mode: str, pct: float, jobs: int, chunk_rows: int,
+                progress: Progress | None) -> list[TableReport]:
+    reports = {t.name: TableReport(t.name, primary_key=t.pk) for t in todo}
+    tasks: queue.Queue = queue.Queue()
+    # plan every table on the coordinators (cheap: counts or key boundaries), then hash chunks in parallel
+    for t in todo:
+        r = reports[t.name]
+        for c in (src.coordinator, dst.coordinator):
+            c.execute("SAVEPOINT tern_plan")
+        try:
+            _plan_table(t, r, src.coordinator, dst.coordinator, mode, chunk_rows, tasks)
+        except psycopg.Error as exc:
+            r.error = redact(str(exc).strip().splitlines()[0])
+            for c in (src.coordinator, dst.coordinator):
+                c.execute("ROLLBACK TO SAVEPOINT tern_plan")
+        if progress:
+            progress(t.name, 0, r.chunks)
+    done_chunks: dict[str, int] = {t.name: 0 for t in todo}
+    lock = threading.Lock()
+    n_workers = min(jobs, max(1, tasks.qsize())) if (src.snapshot and dst.snapshot) else 1
+
+    def worker() -> None:
+        with lock:
+            s_conn = src.worker_connection() if n_workers > 1 else src.coordinator
+            d_conn = dst.worker_connection() if n_workers > 1 else dst.coordinator
+        with ThreadPoolExecutor(max_workers=1) as other_side:
+            while True:
+                try:
+                    table, chunk, kind = tasks.get_nowait()
+                except queue.Empty:
+                    return
+                r = reports[table.name]
+                t0 = time.monotonic()
+                try:
+                    if kind == "sample":
+                        _sample(table, r, s_conn, d_conn, pct)
+                    elif kind == "whole":
+                        _whole_table(table, r, s_conn, d_conn, other_side)
+                    else:
+                        _compare_chunk(table, r, chunk, s_conn, d_conn, other_side, lock)
+                except Exception as exc:  # noqa: BLE001 - never let a table pass that was not checked
+                    # this worker's snapshot transaction is gone: record, and leave the rest to the others
+                    with lock:
+                        r.error = describe_error(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__
+                    _reset(s_conn)
+                    _reset(d_conn)
+                    return
+                with lock:
+                    r.seconds += time.monotonic() - t0
+                    done_chunks[table.name] += 1
+                    if progress:
+                        progress(table.name, done_chunks[table.name], r.chunks)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(n_workers)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    while not tasks.empty():  # every worker failed: what is left was not checked
+        table, _, _ = tasks.get_nowait()
+        reports[table.name].error = reports[table.name].error or "not checked: the verification workers failed"
+    for r in reports.values():
+        if r.error is None:
+            r.checked = True
+    return list(reports.values())
+
+
+def _reset(conn) -> None:
+    """After an error the snapshot transaction is aborted: nothing more can be read consistently."""
+    try:
+        conn.rollback()
+    except psycopg.Error:
+        pass
+
+
+def _plan_table(t: Table, r: TableReport, src, dst, mode: str, chunk_rows: int, tasks: queue.Queue) -> None:
+    count = sql.SQL("SELECT count(*) FROM {}").format(t.ident)
+    r.source_rows = src.execute(count).fetchone()[0]
+    r.target_rows = dst.execute(count).fetchone()[0]
+    if r.source_rows != r.target_rows:
+        r.problems.append(f"row count: source {r.source_rows}, target {r.target_rows}")
+    if mode == "counts":
+        return
+    if mode == "sample":
+        if r.source_rows:
+            r.chunks = 1
+            tasks.put((t, None, "sample"))
+        return
+    if not t.pk:
+        r.chunks = 1
+        tasks.put((t, None, "whole"))
+        return
+    for chunk in _chunks(t, src, max(r.source_rows or 0, 0), chunk_rows):
+        r.chunks += 1
+        tasks.put((t, chunk, "chunk"))
+
+
+def _chunks(t: Table, conn, rows: int, chunk_rows: int) -> list[Chunk]:
+    n = max(1, -(-rows // chunk_rows))
+    if n == 1:
+        return [Chunk()]
+    if len(t.pk) == 1 and t.pk_type in INTEGER_TYPES:
+        lo, hi = conn.execute(sql.SQL("SELECT min({c}), max({c}) FROM {t}").format(
+            c=sql.Identifier(t.pk[0]), t=t.ident)).fetchone()
+        step = max(1, -(-(hi - lo + 1) // n))
+        bounds = [lo + i * step for i in range(1, n) if lo + i * step <= hi]
+        chunks, prev = [], None
+        for b in bounds:
+            chunks.append(Chunk(lower=prev, upper=(b,), lower_incl=True, upper_incl=False))
+            prev = (b,)
+        chunks.append(Chunk(lower=prev, lower_incl=True))
+        return chunks
+    bounds = _row_bounds(t, conn, None, chunk_rows)
+    return _chunks_from_bounds(bounds, None)
+
+
+def _row_bounds(t: Table, conn, within: Chunk | None, every: int) -> list[tuple]:
+    where, params = (within.predicate(t) if within else (sql.SQL("true"), []))
+    q = sql.SQL("SELECT {c} FROM (SELECT {c}, row_number() OVER (ORDER BY {c}) AS tern_rn FROM {t} WHERE {w}) s "
+                "WHERE tern_rn %% %s = 0 ORDER BY tern_rn").format(c=t.pk_cols, t=t.ident, w=where)
+    return [tuple(row) for row in conn.execute(q, params + [every]).fetchall()]
+
+
+def _chunks_from_bounds(bounds: list[tuple], parent: Chunk | None) -> list[Chunk]:
+    chunks, prev = [], None
+    for b in bounds:
+        chunks.append(Chunk(lower=prev, upper=b, parent=parent))
+        prev = b
+    chunks.append(Chunk(lower=prev, parent=parent))
+    return chunks
+
+
+def _hash_sql(t: Table, chunk: Chunk) -> tuple[sql.Composable, list[Any]]:
+    where, params = chunk.predicate(t)
+    return sql.SQL("SELECT count(*), coalesce(sum({h}), 0) FROM {t} t WHERE {w}").format(
+        h=sql.SQL(t.hash_expr), t=t.ident, w=where), params
+
+
+def _both(other_side: ThreadPoolExecutor, s_conn, d_conn, query, params):
+    """The same query on both sides at once."""
+    fut = other_side.submit(lambda: s_conn.execute(query, params).fetchall())
+    d_rows = d_conn.execute(query, params).fetchall()
+    return fut.result(), d_rows
+
+
+def _with_fallback_hash(t: Table, s_conn, d_conn, other_side, make_query):
+    """Run ``make_query()``; if a column type has no hash function, hash the row's text instead."""
+    try:
+        for c in (s_conn, d_conn):
+            c.execute("SAVEPOINT tern_hash")
+        q, p = make_query()
+        result = _both(other_side, s_conn, d_conn, q, p)
+        for c in (s_conn, d_conn):
+            c.execute("RELEASE SAVEPOINT tern_hash")
+        return result
+    except psycopg.errors.UndefinedFunction:
+        for c in (s_conn, d_conn):
+            c.execute("ROLLBACK TO SAVEPOINT tern_hash")
+        t.hash_expr = "hashtextextended(t::text, 0)"
+        q, p = make_query()
+        return _both(other_side, s_conn, d_conn, q, p)
+
+
+def _compare_chunk(t: Table, r: TableReport, chunk: Chunk, s_conn, d_conn, other_side, lock,
+                   top: bool = True) -> None:
+    if top:
+        rows = _with_fallback_hash(t, s_conn, d_conn, other_side, lambda: _hash_sql(t, chunk))
+    else:
+        rows = _both(other_side, s_conn, d_conn, *_hash_sql(t, chunk))
+    (s_count, s_sum), (d_count, d_sum) = rows[0][0], rows[1][0]
+    if top:
+        with lock:
+            r.checked_rows += s_count
+    if (s_count, s_sum) == (d_count, d_sum):
+        return
+    if top:
+        with lock:
+            r.differing_chunks += 1
+    bounds = [] if max(s_count, d_count) <= LEAF_ROWS else \
+        _row_bounds(t, s_conn, chunk, max(1, max(s_count, d_count) // SPLIT_PARTS))
+    if not bounds:  # small enough (or too few source rows to split): compare row by row
+        _compare_rows(t, r, chunk, s_conn, d_conn, other_side, lock)
+        return
+    for sub in _chunks_from_bounds(bounds, chunk):
+        _compare_chunk(t, r, sub, s_conn, d_conn, other_side, lock, top=False)
+
+
+def _compare_rows(t: Table, r: TableReport, chunk: Chunk, s_conn, d_conn, other_side, lock) -> None:
+    where, params = chunk.predicate(t)
+    q = sql.SQL("SELECT {c}, {h} FROM {t} t WHERE {w}").format(c=t.pk_cols, h=sql.SQL(t.hash_expr), t=t.ident, w=where)
+    s_rows, d_rows = _both(other_side, s_conn, d_conn, q, params)
+    s_map = {tuple(row[:-1]): row[-1] for row in s_rows}
+    d_map = {tuple(row[:-1]): row[-1] for row in d_rows}
+    found: list[RowDifference] = []
+    changed = []
+    for key in s_map:
+        if key not in d_map:
+            found.append(RowDifference(dict(zip(t.pk, key)), "missing"))
+        elif s_map[key] != d_map[key]:
+            changed.append(key)
+    for key in d_map:
+        if key not in s_map:
+            found.append(RowDifference(dict(zip(t.pk, key)), "extra"))
+    for key in changed[:MAX_REPORTED_ROWS]:
+        found.append(RowDifference(dict(zip(t.pk, key)), "changed", _changed_columns(t, key, s_conn, d_conn)))
+    with lock:
+        room = MAX_REPORTED_ROWS - len(r.rows)
+        r.rows += found[:max(room, 0)]
+        if len(found) > room > -1 and not any("more differing rows" in p for p in r.problems):
+            r.problems.append(f"more differing rows than the {MAX_REPORTED_ROWS} listed")
+
+
+def _changed_columns(t: Table, key: tuple, s_conn, d_conn) -> list[str]:
+    cond = sql.SQL(" AND ").join(sql.SQL("{} = {}").format(sql.Identifier(c), sql.Placeholder()) for c in t.pk)
+    cols = sql.SQL(", ").join(sql.SQL("md5({}::text)").format(sql.Identifier(c)) for c in t.columns)
+    q = sql.SQL("SELECT {cols} FROM {t} WHERE {cond}").format(cols=cols, t=t.ident, cond=cond)
+    s = s_conn.execute(q, list(key)).fetchone()
+    d = d_conn.execute(q, list(key)).fetchone()
+    if s is None or d is None:
+        return []
+    return [c for c, a, b in zip(t.columns, s, d) if a != b]
+
+
+def _whole_table(t: Table, r: TableReport, s_conn, d_conn, other_side) -> None:
+    (s_count, s_sum), (d_count, d_sum) = [rows[0] for rows in
+                                          _with_fallback_hash(t, s_conn, d_conn, other_side,
+                                                              lambda: _hash_sql(t, Chunk()))]
+    r.checked_rows += s_count
+    if (s_count, s_sum) != (d_count, d_sum):
+        r.problems.append("content differs (no primary key: the rows cannot be named; whole-table multiset hash)")
+
+
+def _sample(t: Table, r: TableReport, s_conn, d_conn, pct: float) -> None:
+    if not t.pk:
+        q = sql.SQL("SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0) FROM {} t").format(t.ident)
+        if s_conn.execute(q).fetchone() != d_conn.execute(q).fetchone():
+            r.problems.append("content differs (no primary key: the rows cannot be named)")
+        r.checked_rows = r.source_rows or 0
+        return
+    total = r.source_rows or 0
+    pct = min(100.0, max(pct, 100.0 * 50 / max(total, 1)))  # at least ~50 rows per table
+    keys = s_conn.execute(sql.SQL("SELECT {c} FROM {t} TABLESAMPLE BERNOULLI (%s) LIMIT %s").format(
+        c=t.pk_cols, t=t.ident), (pct, MAX_SAMPLE_KEYS)).fetchall()
+    if not keys:
+        return
+    r.checked_rows = len(keys)
+    arrays = [[k[i] for k in keys] for i in range(len(t.pk))]
+    q = sql.SQL("SELECT {c}, t::text FROM {t} t WHERE ({c}) IN (SELECT * FROM unnest({a}))").format(
+        c=t.pk_cols, t=t.ident, a=sql.SQL(", ").join(sql.Placeholder() for _ in t.pk))
+    s_rows = {tuple(row[:-1]): row[-1] for row in s_conn.execute(q, arrays).fetchall()}
+    d_rows = {tuple(row[:-1]): row[-1] for row in d_conn.execute(q, arrays).fetchall()}
+    for key in s_rows:
+        if key not in d_rows:
+            r.rows.append(RowDifference(dict(zip(t.pk, key)), "missing"))
+        elif s_rows[key] != d_rows[key]:
+            r.rows.append(RowDifference(dict(zip(t.pk, key)), "changed", _changed_columns(t, key, s_conn, d_conn)))
+        if len(r.rows) >= MAX_REPORTED_ROWS:
+            break
+
+
+def describe_error(exc: Exception) -> str:
+    return redact(exc) if isinstance(exc, RunbookError) else f"{type(exc).__name__}: {redact(exc)}"
