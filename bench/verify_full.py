@@ -1,0 +1,166 @@
+"""Benchmark: tern's full verification against reladiff on the same tables, same run.
+
+Two sandbox clusters (the "source" and the "Aurora" stand-in) hold the inventory data at
+``--scale`` (52: about 2 million rows); a handful of differences are injected on the
+target. tern's ``verify --mode full`` and ``reladiff`` (hashdiff, per table) run on the
+same tables; the script prints both times, their ratio, whether each found exactly the
+injected rows, and tern's per-backend hashing throughput as a fraction of count(*).
+
+    .venv/bin/pip install 'reladiff[postgresql]'   # bench-only dependency
+    .venv/bin/python bench/verify_full.py [--scale 52] [--jobs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import psycopg  # noqa: E402
+
+from runbook.sandbox import Sandbox  # noqa: E402
+from runbook.verify import verify  # noqa: E402
+
+# table -> key columns (reladiff needs them); the same tables for both tools
+TABLES = {"products": ["id"], "stock_levels": ["warehouse_id", "product_id"], "orders": ["id"],
+          "order_lines": ["id"], "stock_movements": ["id"]}
+
+INJECT = [
+    ("DELETE FROM order_lines WHERE id = 123457", ("order_lines", (123457,))),
+    ("DELETE FROM stock_movements WHERE id = 400001", ("stock_movements", (400001,))),
+    ("UPDATE orders SET status = 'lost' WHERE id = 77777", ("orders", (77777,))),
+    ("UPDATE stock_levels SET quantity = quantity + 1 WHERE warehouse_id = 3 AND product_id = 4242",
+     ("stock_levels", (3, 4242))),
+    ("UPDATE products SET name = name || '!' WHERE id = 31337", ("products", (31337,))),
+    ("INSERT INTO order_lines (order_id, product_id, quantity, unit_price_cents) OVERRIDING SYSTEM VALUE "
+     "SELECT 1, 1, 1, 1", None),   # extra row; its id is read back below
+]
+
+
+def url(pg, db="app") -> str:
+    return f"postgresql://postgres@/{db}?host={pg.socket_dir}&port={pg.port}"
+
+
+def reladiff_url(pg, db="app") -> str:
+    return f"postgresql://postgres@localhost:{pg.port}/{db}"
+
+
+def _reladiff_key(d, nkeys: int) -> tuple:
+    """reladiff --json lines: ["-"|"+", [key..., columns...]] (older: dicts)."""
+    if isinstance(d, dict):
+        row = d.get("row") or d.get("values") or []
+    else:
+        row = d[1]
+    return tuple(str(v) for v in row[:nkeys])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--scale", type=int, default=52)
+    p.add_argument("--jobs", type=int, default=2)
+    a = p.parse_args()
+    reladiff = Path(sys.executable).with_name("reladiff")
+    if not reladiff.exists():
+        print("reladiff is not installed: .venv/bin/pip install 'reladiff[postgresql]'", file=sys.stderr)
+        return 2
+    root = Path(tempfile.mkdtemp(prefix="tern-bench-verify-", dir="/tmp"))
+    root.chmod(0o755)
+    sb = Sandbox(root / "sandbox")
+    try:
+        t = time.monotonic()
+        sb.up(replicas=2, scale=a.scale, start_app=False)
+        src, dst = sb.node("source"), sb.node("aurora")
+        # reladiff connects over TCP: let the benchmark's superuser in on loopback (sandbox only)
+        for pg in (src, dst):
+            pg.host.run(["sh", "-c", 'sed -i "1i host all postgres 127.0.0.1/32 trust" "$1/pg_hba.conf"', "sh",
+                         pg.data_dir], timeout=10)
+            pg.psql("SELECT pg_reload_conf()")
+        dump = (f"{src.bin_dir}/pg_dump -h {src.socket_dir} -p {src.port} -U postgres --no-owner --no-privileges app"
+                f" | {dst.bin_dir}/psql -q -X -h {dst.socket_dir} -p {dst.port} -U postgres -d app -v ON_ERROR_STOP=1")
+        src.host.run(["sh", "-c", dump], timeout=3600)
+        dst.psql("VACUUM ANALYZE", database="app", timeout=3600)
+        src.psql("VACUUM ANALYZE", database="app", timeout=3600)
+        with psycopg.connect(url(src), autocommit=True) as conn:
+            rows = sum(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES)
+        print(f"setup: {rows:,} rows in {len(TABLES)} tables, copied to the second cluster "
+              f"({time.monotonic() - t:.0f} s)")
+        expected = set()
+        with psycopg.connect(url(dst), autocommit=True) as conn:
+            for statement, key in INJECT:
+                conn.execute(statement)
+                if key:
+                    expected.add((key[0], tuple(str(k) for k in key[1])))
+            extra = conn.execute("SELECT max(id) FROM order_lines").fetchone()[0]
+            expected.add(("order_lines", (str(extra),)))
+        print(f"injected {len(expected)} differences")
+
+        # warm both clusters' caches the same way for both tools
+        for pg in (src, dst):
+            with psycopg.connect(url(pg), autocommit=True) as conn:
+                for t in TABLES:
+                    conn.execute(f"SELECT count(*) FROM {t}").fetchone()
+
+        t0 = time.monotonic()
+        report = verify(url(src), url(dst), mode="full", tables=list(TABLES), jobs=a.jobs)
+        tern_s = time.monotonic() - t0
+        tern_found = set()
+        for tr in report.tables:
+            for r in tr.rows:
+                tern_found.add((tr.table.split(".")[1], tuple(str(v) for v in r.key.values())))
+        print(f"tern verify --mode full --jobs {a.jobs}: {tern_s:.2f} s, {len(tern_found)} rows found, "
+              f"exact: {tern_found == expected}, exit {'0' if report.ok else 'non-zero'}")
+
+        t0 = time.monotonic()
+        rd_found = set()
+        for table, keys in TABLES.items():
+            argv = [str(reladiff), reladiff_url(src), table, reladiff_url(dst), table, "-c", "%", "--json"]
+            for k in keys:
+                argv += ["-k", k]
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
+            if proc.returncode != 0:
+                print(f"reladiff failed on {table}: {proc.stderr.strip()[-400:]}")
+                continue
+            for line in proc.stdout.splitlines():
+                if not rd_found and not getattr(main, "shown", False):
+                    print(f"  reladiff output sample: {line[:200]}")
+                    main.shown = True
+                d = json.loads(line)
+                key = _reladiff_key(d, len(keys))
+                rd_found.add((table, key))
+        rd_s = time.monotonic() - t0
+        print(f"reladiff (hashdiff, per table): {rd_s:.2f} s, {len(rd_found)} rows found, "
+              f"exact: {rd_found == expected}")
+        print(f"ratio: tern is {rd_s / tern_s:.1f}x faster than reladiff (goal >= 5x)")
+
+        # per-backend hashing throughput against count(*) on the largest table
+        with psycopg.connect(url(src), autocommit=True) as conn:
+            timings = {}
+            for name, q in (("count", "SELECT count(*) FROM order_lines"),
+                            ("hash", "SELECT count(*), sum(hash_record_extended(t.*, 0)) FROM order_lines t")):
+                best = None
+                for _ in range(3):
+                    t0 = time.monotonic()
+                    conn.execute("SET max_parallel_workers_per_gather = 0")
+                    conn.execute(q).fetchone()
+                    dt = time.monotonic() - t0
+                    best = dt if best is None else min(best, dt)
+                timings[name] = best
+            n = conn.execute("SELECT count(*) FROM order_lines").fetchone()[0]
+        print(f"one backend on order_lines ({n:,} rows): count(*) {timings['count']:.3f} s, "
+              f"hash {timings['hash']:.3f} s -> hashing at {100 * timings['count'] / timings['hash']:.0f} % "
+              f"of count(*) throughput (goal >= 15 %)")
+        return 0 if tern_found == expected else 1
+    finally:
+        sb.down(check_ledger=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
