@@ -1,0 +1,1 @@
+"""tern's Pulumi program (AWS side). One ComponentResource per module; config read only in config.py."""

@@ -1,0 +1,86 @@
+"""AWS DMS: the EC2 leader to the Aurora writer, full load and CDC, TLS verify-full, validation on."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pulumi
+import pulumi_aws as aws
+
+TASK_SETTINGS = {
+    "TargetMetadata": {
+        # the runbook creates the schema on Aurora; DMS must not drop or recreate tables
+        "SupportLobs": True, "FullLobMode": True, "LobChunkSize": 64, "LimitedSizeLobMode": False,
+        "LobMaxSize": 0,
+    },
+    "FullLoadSettings": {"TargetTablePrepMode": "DO_NOTHING", "MaxFullLoadSubTasks": 8},
+    "ValidationSettings": {"EnableValidation": True, "ValidationMode": "ROW_LEVEL", "ThreadCount": 5,
+                           "FailureMaxCount": 10000, "HandleCollationDiff": True},
+    "Logging": {"EnableLogging": True},
+    "ChangeProcessingTuning": {"CommitTimeout": 1, "BatchApplyEnabled": False},
+}
+
+
+@dataclass
+class DmsArgs:
+    instance_class: str
+    subnet_ids: list[str]
+    security_group_id: pulumi.Input[str]
+    source_host: pulumi.Input[str]
+    target_host: pulumi.Input[str]
+    database: str
+    certificate_arn: str
+    source_secret_arn: pulumi.Input[str]
+    target_secret_arn: pulumi.Input[str]
+    schemas: list[str] = field(default_factory=lambda: ["public"])
+    production: bool = False
+    protect: bool = False
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+class Dms(pulumi.ComponentResource):
+    def __init__(self, name: str, args: DmsArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("tern:infra:Dms", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        self.secrets_role = aws.iam.Role(f"{name}-secrets-role", assume_role_policy=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Principal": {"Service": "dms.amazonaws.com"}, "Action": "sts:AssumeRole"}],
+        }), tags=args.tags, opts=child)
+        self.secrets_policy = aws.iam.RolePolicy(
+            f"{name}-secrets-read", role=self.secrets_role.id,
+            policy=pulumi.Output.all(args.source_secret_arn, args.target_secret_arn).apply(lambda arns: json.dumps({
+                "Version": "2012-10-17",
+                "Statement": [{"Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"], "Resource": list(arns)}],
+            })), opts=child)
+        self.subnet_group = aws.dms.ReplicationSubnetGroup(
+            f"{name}-subnets", replication_subnet_group_id=f"{name}-subnets",
+            replication_subnet_group_description="tern DMS", subnet_ids=args.subnet_ids, tags=args.tags, opts=child)
+        self.instance = aws.dms.ReplicationInstance(
+            f"{name}-instance", replication_instance_id=f"{name}-instance",
+            replication_instance_class=args.instance_class, allocated_storage=100,
+            publicly_accessible=False, multi_az=args.production,
+            replication_subnet_group_id=self.subnet_group.id, vpc_security_group_ids=[args.security_group_id],
+            tags=args.tags, opts=child)
+        common = dict(engine_name="postgres", port=5432, database_name=args.database, ssl_mode="verify-full",
+                      certificate_arn=args.certificate_arn, secrets_manager_access_role_arn=self.secrets_role.arn)
+        self.source = aws.dms.Endpoint(
+            f"{name}-source", endpoint_id=f"{name}-source", endpoint_type="source", server_name=args.source_host,
+            secrets_manager_arn=args.source_secret_arn, tags=args.tags,
+            postgres_settings=aws.dms.EndpointPostgresSettingsArgs(plugin_name="pglogical", heartbeat_enable=True),
+            opts=child, **common)
+        target = dict(common, engine_name="aurora-postgresql")
+        self.target = aws.dms.Endpoint(
+            f"{name}-target", endpoint_id=f"{name}-target", endpoint_type="target", server_name=args.target_host,
+            secrets_manager_arn=args.target_secret_arn, tags=args.tags, opts=child, **target)
+        mappings = {"rules": [
+            {"rule-type": "selection", "rule-id": str(i + 1), "rule-name": f"schema-{s}",
+             "object-locator": {"schema-name": s, "table-name": "%"}, "rule-action": "include"}
+            for i, s in enumerate(args.schemas)]}
+        self.task = aws.dms.ReplicationTask(
+            f"{name}-task", replication_task_id=f"{name}-task", migration_type="full-load-and-cdc",
+            replication_instance_arn=self.instance.replication_instance_arn,
+            source_endpoint_arn=self.source.endpoint_arn, target_endpoint_arn=self.target.endpoint_arn,
+            table_mappings=json.dumps(mappings), replication_task_settings=json.dumps(TASK_SETTINGS),
+            start_replication_task=False, tags=args.tags, opts=child)
+        self.register_outputs({"task_arn": self.task.replication_task_arn})

@@ -1,0 +1,99 @@
+"""The whole stack from a :class:`~infra.config.StackConfig`, and the outputs contract it exports.
+
+The exported keys are exactly the runbook's outputs contract (``runbook/contract.py``):
+a test resolves them under Pulumi's mocks and validates them with the runbook's schema.
+No credential is exported: only references to Secrets Manager.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import pulumi
+import pulumi_aws as aws
+
+from .aurora import Aurora, AuroraArgs
+from .config import StackConfig
+from .dms import Dms, DmsArgs
+from .heroku import HerokuApp, HerokuArgs
+from .network import Network, NetworkArgs
+from .replicas import Replicas, ReplicasArgs
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Stack:
+    network: Network
+    replicas: Replicas
+    aurora: Aurora
+    dms: Dms
+    heroku: HerokuApp
+    replication_secret: aws.secretsmanager.Secret
+    outputs: dict[str, Any]
+
+
+def build(cfg: StackConfig, stack_name: str) -> Stack:
+    tags = {"project": "tern", "stack": stack_name, **cfg.tags}
+    production = not cfg.rehearsal
+    subnets = [cfg.private_subnets[z] for z in cfg.zones]
+    network = Network("tern", NetworkArgs(vpc_id=cfg.vpc_id, app_source_security_groups=cfg.app_source_security_groups,
+                                          app_source_cidrs=cfg.app_source_cidrs, tags=tags))
+    ami = cfg.ami_id or aws.ec2.get_ami_output(
+        most_recent=True, owners=["136693071363"],  # Debian
+        filters=[aws.ec2.GetAmiFilterArgs(name="name", values=["debian-12-amd64-*"])]).id
+    replicas = Replicas("tern-replicas", ReplicasArgs(
+        count=cfg.replica_count, zones=cfg.zones, subnets=cfg.private_subnets, security_group_id=network.replicas.id,
+        instance_type=cfg.instance_type, ebs_size_gb=cfg.ebs_size_gb, ebs_iops=cfg.ebs_iops, pg_major=cfg.pg_major,
+        ami_id=ami, region=cfg.region, wal_archive_bucket=cfg.wal_archive_bucket,
+        wal_archive_prefix=cfg.wal_archive_prefix, protect=cfg.protect, tags=tags))
+    aurora = Aurora("tern-aurora", AuroraArgs(
+        engine_version=cfg.aurora_engine_version, instance_class=cfg.aurora_instance_class,
+        instance_count=cfg.aurora_instance_count, zones=cfg.zones, subnet_ids=subnets,
+        security_group_id=network.aurora.id, database=cfg.database, backup_retention_days=cfg.backup_retention_days,
+        production=production, protect=cfg.protect, tags=tags))
+    # the replication role's password: a config secret, stored in Secrets Manager, exported by reference only
+    replication_secret = aws.secretsmanager.Secret("tern-replication", description="tern replication role",
+                                                   recovery_window_in_days=0 if cfg.rehearsal else 7, tags=tags)
+    if cfg.replication_password is not None:
+        aws.secretsmanager.SecretVersion(
+            "tern-replication", secret_id=replication_secret.id,
+            secret_string=pulumi.Output.secret(cfg.replication_password).apply(
+                lambda pw: json.dumps({"username": "tern_replicator", "password": pw})))
+    leader = replicas.instances[0]
+    dms = Dms("tern-dms", DmsArgs(
+        instance_class=cfg.dms_instance_class, subnet_ids=subnets, security_group_id=network.dms.id,
+        source_host=leader.private_ip, target_host=aurora.cluster.endpoint, database=cfg.database,
+        certificate_arn=cfg.dms_ca_certificate_arn, source_secret_arn=replication_secret.arn,
+        target_secret_arn=aurora.master_secret_arn, production=production, protect=cfg.protect, tags=tags))
+    heroku_app = HerokuApp("tern-heroku", HerokuArgs(app_name=cfg.heroku_app, staged_vars={
+        "TERN_STAGED_EC2_LEADER": leader.private_ip, "TERN_STAGED_AURORA_WRITER": aurora.cluster.endpoint}))
+
+    data_dir = f"/var/lib/postgresql/{cfg.pg_major}/main"
+    outputs: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "stack": stack_name,
+        "rehearsal": cfg.rehearsal,
+        "region": cfg.region,
+        "source": {"heroku_app": cfg.heroku_app, "database_url_var": "DATABASE_URL", "pg_major": cfg.pg_major,
+                   "archive": {"kind": "s3", "location": f"s3://{cfg.wal_archive_bucket}/{cfg.wal_archive_prefix.strip('/')}",
+                               "base_backup": "LATEST"}},
+        "app": {"kind": "heroku", "name": cfg.heroku_app, "api_key": "env:HEROKU_API_KEY"},
+        "replicas": [
+            {"name": name, "availability_zone": zone, "host": inst.private_ip, "port": 5432, "database": cfg.database,
+             "data_dir": data_dir, "bin_dir": f"/usr/lib/postgresql/{cfg.pg_major}/bin",
+             "socket_dir": "/var/run/postgresql",
+             "commands": {"kind": "ssm", "instance_id": inst.id, "region": cfg.region, "os_user": "postgres"}}
+            for name, zone, inst in zip(replicas.names, replicas.zones, replicas.instances)],
+        "aurora": {"writer_endpoint": aurora.cluster.endpoint, "reader_endpoint": aurora.cluster.reader_endpoint,
+                   "port": 5432, "database": cfg.database, "master_user": "tern_master",
+                   "master_password": aurora.master_secret_arn.apply(lambda arn: f"aws-secretsmanager:{arn}#password")},
+        "dms": {"region": cfg.region, "replication_task_arn": dms.task.replication_task_arn,
+                "replication_instance_arn": dms.instance.replication_instance_arn,
+                "source_endpoint_arn": dms.source.endpoint_arn, "target_endpoint_arn": dms.target.endpoint_arn},
+        "credentials": {"replication_password": replication_secret.arn.apply(
+            lambda arn: f"aws-secretsmanager:{arn}#password")},
+    }
+    return Stack(network, replicas, aurora, dms, heroku_app, replication_secret, outputs)
