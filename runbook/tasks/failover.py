@@ -41,7 +41,7 @@ def make_confirm(yes: bool):
         if yes:
             return True
         if not sys.stdin.isatty():
-            raise PreflightError("the point of no return needs confirmation: run on a terminal or pass --yes")
+            raise PreflightError(f"{question} needs confirmation: run on a terminal or pass --yes")
         return Confirm.ask(question, console=console, default=False)
 
     return confirm

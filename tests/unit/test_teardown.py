@@ -1,0 +1,88 @@
+"""``invoke teardown``: the rehearsal guard, and the pulumi commands run (the CLI faked at the process boundary)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+FAKE = """#!/bin/sh
+echo "$@" >> "$FAKE_PULUMI_LOG"
+case "$1 $2" in
+  "stack output") echo "$FAKE_PULUMI_OUTPUTS" ;;
+esac
+exit 0
+"""
+
+
+@pytest.fixture
+def fake_pulumi(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    exe = bin_dir / "pulumi"
+    exe.write_text(FAKE)
+    exe.chmod(0o755)
+    log = tmp_path / "pulumi.log"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_PULUMI_LOG=str(log),
+               FAKE_PULUMI_OUTPUTS=json.dumps({"rehearsal": True, "stack": "dev"}))
+    return env, log
+
+
+def invoke(env, *args):
+    exe = str(Path(sys.executable).with_name("invoke"))
+    return subprocess.run([exe, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+
+
+def calls(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_prod_is_never_torn_down(fake_pulumi):
+    env, log = fake_pulumi
+    res = invoke(env, "teardown", "--stack", "prod", "--yes")
+    assert res.returncode != 0 and "production is never torn down" in res.stderr
+    assert calls(log) == []
+
+
+def test_dev_is_destroyed_then_removed(fake_pulumi):
+    env, log = fake_pulumi
+    res = invoke(env, "teardown", "--stack", "dev", "--yes")
+    assert res.returncode == 0, res.stderr
+    assert calls(log) == ["stack output --json -s dev", "destroy --yes --non-interactive -s dev",
+                          "stack rm --yes --non-interactive -s dev"]
+
+
+def test_live_outputs_must_agree(fake_pulumi):
+    env, log = fake_pulumi
+    env["FAKE_PULUMI_OUTPUTS"] = json.dumps({"rehearsal": False})
+    res = invoke(env, "teardown", "--stack", "dev", "--yes")
+    assert res.returncode != 0 and "live outputs do not say rehearsal" in res.stderr
+    assert not any(c.startswith("destroy") for c in calls(log))
+
+
+def test_unknown_or_unmarked_stack_and_no_confirmation(fake_pulumi, tmp_path):
+    env, log = fake_pulumi
+    res = invoke(env, "teardown", "--stack", "staging", "--yes")
+    assert res.returncode == 2 and "no stack config Pulumi.staging.yaml" in res.stderr
+    res = invoke(env, "teardown", "--stack", "dev")          # no --yes, no terminal
+    assert res.returncode != 0 and "needs confirmation" in res.stderr
+    assert not any(c.startswith("destroy") for c in calls(log))
+    res = invoke(env, "teardown")
+    assert res.returncode == 2 and "--stack is required" in res.stderr
+
+
+def test_a_stack_file_not_marked_rehearsal_is_refused(tmp_path):
+    from runbook.errors import PreflightError
+    from runbook.teardown import check_rehearsal
+
+    (tmp_path / "Pulumi.qa.yaml").write_text("config:\n  tern:rehearsal: false\n")
+    with pytest.raises(PreflightError, match="does not mark it as a rehearsal"):
+        check_rehearsal("qa", tmp_path)
