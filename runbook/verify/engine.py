@@ -30,8 +30,8 @@ from ..redact import redact
 from . import schema as schema_mod
 
 MODES = ("schema", "counts", "sample", "full")
-LEAF_ROWS = 2000          # a differing chunk this small is compared row by row
-SPLIT_PARTS = 16          # a larger differing chunk is split into this many parts
+LEAF_ROWS = 2000          # a differing chunk this small is compared row by row; larger: buckets of this size
+MAX_BUCKETS = 100_000
 MAX_REPORTED_ROWS = 1000  # per table
 MAX_SAMPLE_KEYS = 20000
 
@@ -198,6 +198,10 @@ class Table:
     hash_expr: str = "hash_record_extended(t.*, 0)"
 
     def __post_init__(self) -> None:
+        key = [sql.SQL("t.{}::text").format(sql.Identifier(c)) if c in self.text_hashed
+               else sql.SQL("t.{}").format(sql.Identifier(c)) for c in self.pk]
+        self.key_hash_expr = sql.SQL("hash_record_extended(ROW({}), 0)").format(sql.SQL(", ").join(key)) \
+            .as_string(None) if self.pk else ""
         # enum (and reg*, composite) values hash by OID, which differs between clusters: hash their text
         if self.text_hashed:
             parts = [sql.SQL("t.{}::text").format(sql.Identifier(c)) if c in self.text_hashed
@@ -504,34 +508,44 @@ def _with_fallback_hash(t: Table, s_conn, d_conn, other_side, make_query):
         return _both(other_side, s_conn, d_conn, q, p)
 
 
-def _compare_chunk(t: Table, r: TableReport, chunk: Chunk, s_conn, d_conn, other_side, lock,
-                   top: bool = True) -> None:
-    if top:
-        rows = _with_fallback_hash(t, s_conn, d_conn, other_side, lambda: _hash_sql(t, chunk))
-    else:
-        rows = _both(other_side, s_conn, d_conn, *_hash_sql(t, chunk))
+def _compare_chunk(t: Table, r: TableReport, chunk: Chunk, s_conn, d_conn, other_side, lock) -> None:
+    """Checksum one chunk on both sides; if it differs, bucket it by a hash of the key in one pass,
+    then compare the rows of the differing buckets (one more pass). The buckets do not depend on
+    row positions, so a missing or extra row shifts nothing."""
+    rows = _with_fallback_hash(t, s_conn, d_conn, other_side, lambda: _hash_sql(t, chunk))
     (s_count, s_sum), (d_count, d_sum) = rows[0][0], rows[1][0]
-    if top:
-        with lock:
-            r.checked_rows += s_count
-            r.source_rows = (r.source_rows or 0) + s_count
-            r.target_rows = (r.target_rows or 0) + d_count
+    with lock:
+        r.checked_rows += s_count
+        r.source_rows = (r.source_rows or 0) + s_count
+        r.target_rows = (r.target_rows or 0) + d_count
     if (s_count, s_sum) == (d_count, d_sum):
         return
-    if top:
-        with lock:
-            r.differing_chunks += 1
-    bounds = [] if max(s_count, d_count) <= LEAF_ROWS else \
-        _row_bounds(t, s_conn, chunk, max(1, max(s_count, d_count) // SPLIT_PARTS))
-    if not bounds:  # small enough (or too few source rows to split): compare row by row
+    with lock:
+        r.differing_chunks += 1
+    if max(s_count, d_count) <= LEAF_ROWS:
         _compare_rows(t, r, chunk, s_conn, d_conn, other_side, lock)
         return
-    for sub in _chunks_from_bounds(bounds, chunk):
-        _compare_chunk(t, r, sub, s_conn, d_conn, other_side, lock, top=False)
-
-
-def _compare_rows(t: Table, r: TableReport, chunk: Chunk, s_conn, d_conn, other_side, lock) -> None:
+    buckets = min(MAX_BUCKETS, -(-max(s_count, d_count) // LEAF_ROWS))
     where, params = chunk.predicate(t)
+    bucket = sql.SQL("(({k}) & 9223372036854775807) %% {n}").format(k=sql.SQL(t.key_hash_expr), n=sql.Literal(buckets))
+    q = sql.SQL("SELECT {b} AS tern_bucket, count(*), coalesce(sum({h}), 0) FROM {t} t WHERE {w} GROUP BY 1").format(
+        b=bucket, h=sql.SQL(t.hash_expr), t=t.ident, w=where)
+    s_b, d_b = _both(other_side, s_conn, d_conn, q, params)
+    s_map = {row[0]: tuple(row[1:]) for row in s_b}
+    d_map = {row[0]: tuple(row[1:]) for row in d_b}
+    differing = sorted(b for b in set(s_map) | set(d_map) if s_map.get(b) != d_map.get(b))
+    if not differing:
+        return  # the chunk's sums differed but no bucket does: impossible unless rows changed meanwhile
+    extra = (sql.SQL("{} = ANY(%s)").format(bucket), [differing])
+    _compare_rows(t, r, chunk, s_conn, d_conn, other_side, lock, extra=extra)
+
+
+def _compare_rows(t: Table, r: TableReport, chunk: Chunk, s_conn, d_conn, other_side, lock,
+                  extra: tuple[sql.Composable, list[Any]] | None = None) -> None:
+    where, params = chunk.predicate(t)
+    if extra is not None:
+        where = sql.SQL("{} AND {}").format(where, extra[0])
+        params = params + extra[1]
     q = sql.SQL("SELECT {c}, {h} FROM {t} t WHERE {w}").format(c=t.pk_cols, h=sql.SQL(t.hash_expr), t=t.ident, w=where)
     s_rows, d_rows = _both(other_side, s_conn, d_conn, q, params)
     s_map = {tuple(row[:-1]): row[-1] for row in s_rows}
