@@ -40,6 +40,8 @@ def standby_settings(replica: Replica, restore_cmd: str) -> dict[str, str | int]
         "wal_level": "logical",              # ready to publish to Aurora once it leads
         "max_wal_senders": 10,
         "max_replication_slots": 10,
+        # keep recent segments: at the cutover the other replicas stream what they miss from the new leader
+        "wal_keep_size": "2GB",
         "primary_conninfo": "",
     }
 

@@ -9,17 +9,19 @@ The plan, in order (each a :class:`~runbook.steps.Step`):
 4. ``maintenance_on``: the web stops taking writes.
 5. ``fence``: the source becomes read-only for the app role, its sessions are terminated,
    and a fresh write attempt must fail.
-6. ``flush``: record the source's final LSN, fill the current WAL segment with
+6. ``detach_others``: the other replicas stop reading the archive (they stream from the new
+   leader after the promotion instead; see :func:`detach_others`).
+7. ``flush``: record the source's final LSN, fill the current WAL segment with
    ``pg_logical_emit_message`` so it is archived now (no superuser, no archive_timeout wait),
    wait until the candidate has replayed the final LSN.
-7. ``verify``: row counts, sequences and a sample of rows, frozen source against the
+8. ``verify``: row counts, sequences and a sample of rows, frozen source against the
    caught-up candidate - *before* the point of no return, so a difference still falls back.
-8. ``promote`` (**point of no return**): pg_promote, checkpoint, lift the copied fence,
+9. ``promote`` (**point of no return**): pg_promote, checkpoint, lift the copied fence,
    writable on a new timeline.
-9. ``switch``: DATABASE_URL to the new leader (the source URL kept for rollback).
-10. ``start_app``: web out of maintenance, then the workers back.
-11. ``smoke_test``: one write and one read through the app on the new leader.
-12. ``repoint``: the other replicas stream from the new leader (slot, replication role), or
+10. ``switch``: DATABASE_URL to the new leader (the source URL kept for rollback).
+11. ``start_app``: web out of maintenance, then the workers back.
+12. ``smoke_test``: one write and one read through the app on the new leader.
+13. ``repoint``: the other replicas stream from the new leader (slot, replication role), or
     are rebuilt from it when they cannot follow the new timeline. It runs after the app is
     back because it does not concern the app: it stays out of the downtime.
 
@@ -207,6 +209,52 @@ def unfence(ctx: Context) -> None:
             psycopg.sql.Identifier(role)))
 
 
+# -- 5b. detach the other replicas from the archive --------------------------------------------
+def detach_others(ctx: Context) -> dict[str, Any]:
+    """Stop the non-candidate replicas reading the archive before its last segment is filled.
+
+    That segment ends inside a record the new leader never replays (the fill crosses into the
+    next segment); a replica that read it could not follow the new timeline. Instead, after the
+    promotion the others stream what they miss from the new leader, which keeps it (wal_keep_size).
+    """
+    done, skipped = [], []
+    for name in ctx.data["others"]:
+        pg = ctx.pg(name)
+        try:
+            pg.psql("ALTER SYSTEM SET restore_command = '';\nSELECT pg_reload_conf();")
+            done.append(name)
+        except RunbookError as exc:
+            skipped.append(f"{name} ({exc})")
+    detail = f"detached {', '.join(done) or 'none'}" + (f"; unreachable: {'; '.join(skipped)}" if skipped else "")
+    return {"detached": done, "detail": detail}
+
+
+def others_detached(ctx: Context) -> bool:
+    for name in ctx.data["others"]:
+        try:
+            if ctx.pg(name).query_one("SELECT current_setting('restore_command') AS c")["c"]:
+                return False
+        except RunbookError:
+            continue
+    return True
+
+
+def attach_to_archive(ctx: Context, name: str) -> None:
+    from ..archive import restore_command
+
+    cmd = restore_command(ctx.outputs.source.archive)
+    ctx.pg(name).psql(f"ALTER SYSTEM SET restore_command = {literal(cmd)};\nSELECT pg_reload_conf();")
+
+
+def reattach_others(ctx: Context) -> None:
+    for name in ctx.data["others"]:
+        try:
+            attach_to_archive(ctx, name)
+        except RunbookError:
+            if ctx.pg(name).has_data() and ctx.pg(name).is_running():
+                raise
+
+
 # -- 6. flush ----------------------------------------------------------------------------
 def replayed(ctx: Context, name: str) -> int | None:
     row = ctx.pg(name).query_one("SELECT pg_last_wal_replay_lsn()::text AS lsn, pg_is_in_recovery() AS r")
@@ -282,6 +330,7 @@ def switch_candidate(ctx: Context, failed: str, why: str) -> dict[str, Any]:
         raise StepError(f"candidate {failed} failed ({why}) and no other replica is available")
     others = [n for n in ctx.data["others"] if n != best] + [failed]
     ctx.say(f"candidate {failed} failed ({why}); switching to {best}")
+    attach_to_archive(ctx, best)   # it was detached from the archive with the others
     ctx.data.update(candidate=best, others=others)
     ctx.journal.record("flush", "progress", context={"candidate": best, "others": others,
                                                       "candidate_failed": {failed: why}})
@@ -475,6 +524,8 @@ def plan() -> list[Step]:
              check=lambda ctx: ctx.app.maintenance(), revert=lambda ctx: ctx.app.set_maintenance(False)),
         Step("fence", "fence the source (read-only for the app role) and prove it", fence, check=fence_holds,
              verify=prove_fenced, revert=unfence),
+        Step("detach_others", "detach the other replicas from the archive", detach_others, check=others_detached,
+             revert=reattach_others),
         Step("flush", "flush the last WAL segment and wait for the candidate", flush, check=flush_done),
         Step("verify", "verify frozen source against the candidate", verify),
         Step("promote", "promote the candidate", promote, check=promoted, verify=verify_promoted,

@@ -17,10 +17,10 @@ from .common import console, out, outputs, print_json, settings, task_errors
             "target": "node to compare with it", "mode": "schema | counts | sample | full (default full)",
             "sample_pct": "percent of rows to sample in sample mode (default from tern.sample_percent)",
             "tables": "comma-separated tables (default: all)", "jobs": "parallel workers (default 2)",
-            "chunk_rows": "rows per checksum chunk in full mode (default 500000)",
+            "chunk_rows": "rows per checksum chunk in full mode (default 50000)",
             "json": "machine-readable result", "stack": "local (default), a .json outputs file, or a stack"})
 @task_errors
-def verify(c, source=None, target=None, mode="full", sample_pct=None, tables=None, jobs=2, chunk_rows=500000,
+def verify(c, source=None, target=None, mode="full", sample_pct=None, tables=None, jobs=2, chunk_rows=50000,
            json=False, stack=None):
     """Compare two databases: schema, counts, a sample, or every row (chunk checksums, bisected to rows).
 

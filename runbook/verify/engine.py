@@ -259,7 +259,7 @@ class Chunk:
 
 # -- the engine ------------------------------------------------------------------------------
 def verify(source_url: str, target_url: str, *, mode: str = "full", tables: list[str] | None = None,
-           sample_percent: float = 5.0, jobs: int = 2, chunk_rows: int = 500_000, sequences: str = "at_least",
+           sample_percent: float = 5.0, jobs: int = 2, chunk_rows: int = 50_000, sequences: str = "at_least",
            timeout: float = 10.0, progress: Progress | None = None) -> VerifyReport:
     if mode not in MODES:
         raise ConfigError(f"unknown verification mode {mode!r}; choose one of: {', '.join(MODES)}")
