@@ -164,13 +164,24 @@ def maintenance_on(ctx: Context) -> dict[str, Any]:
 
 
 # -- 5. fence ----------------------------------------------------------------------------
-def fence(ctx: Context) -> dict[str, Any]:
-    with ctx.source("fence") as conn:
+def fence_statements(db: str, role: str, on: bool) -> list[psycopg.sql.Composable]:
+    """Make (or stop making) every new session of ``role`` and of ``db`` read-only by default."""
+    action = psycopg.sql.SQL("SET default_transaction_read_only = on" if on else "RESET default_transaction_read_only")
+    return [psycopg.sql.SQL("ALTER DATABASE {} {}").format(psycopg.sql.Identifier(db), action),
+            psycopg.sql.SQL("ALTER ROLE {} {}").format(psycopg.sql.Identifier(role), action)]
+
+
+def set_fence(ctx: Context, on: bool) -> tuple[str, str]:
+    with ctx.source("fence" if on else "unfence") as conn:
         db, role = conn.execute("SELECT current_database(), current_user").fetchone()
-        conn.execute(psycopg.sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(
-            psycopg.sql.Identifier(db)))
-        conn.execute(psycopg.sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(
-            psycopg.sql.Identifier(role)))
+        for statement in fence_statements(db, role, on):
+            conn.execute(statement)
+    return db, role
+
+
+def fence(ctx: Context) -> dict[str, Any]:
+    db, role = set_fence(ctx, True)
+    with ctx.source("fence") as conn:
         killed = conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                               "WHERE usename = current_user AND pid <> pg_backend_pid()").fetchone()[0]
     return {"fenced_at": time.time(), "detail": f"database {db} and role {role} read-only; {killed} sessions terminated"}
@@ -201,12 +212,7 @@ def fence_holds(ctx: Context) -> bool:
 
 
 def unfence(ctx: Context) -> None:
-    with ctx.source("unfence") as conn:
-        db, role = conn.execute("SELECT current_database(), current_user").fetchone()
-        conn.execute(psycopg.sql.SQL("ALTER DATABASE {} RESET default_transaction_read_only").format(
-            psycopg.sql.Identifier(db)))
-        conn.execute(psycopg.sql.SQL("ALTER ROLE {} RESET default_transaction_read_only").format(
-            psycopg.sql.Identifier(role)))
+    set_fence(ctx, False)
 
 
 # -- 5b. detach the other replicas from the archive --------------------------------------------
@@ -371,8 +377,7 @@ def promote(ctx: Context) -> dict[str, Any]:
     db = url_endpoint(url)[2]
     role = url_user(url)
     pg.psql("SET default_transaction_read_only = off;\n"
-            f"ALTER DATABASE {psycopg.sql.Identifier(db).as_string(None)} RESET default_transaction_read_only;\n"
-            f"ALTER ROLE {psycopg.sql.Identifier(role).as_string(None)} RESET default_transaction_read_only;")
+            + "".join(st.as_string(None) + ";\n" for st in fence_statements(db, role, False)))
     timeline = pg.query_one("SELECT timeline_id FROM pg_control_checkpoint()")["timeline_id"]
     return {"new_leader": name, "leader_timeline": timeline, "promoted_at": time.time(),
             "detail": f"{name} leads on timeline {timeline}"}

@@ -30,8 +30,8 @@ from ..redact import redact
 from . import schema as schema_mod
 
 MODES = ("schema", "counts", "sample", "full")
-LEAF_ROWS = 2000          # a differing chunk this small is compared row by row; larger: buckets of this size
-MAX_BUCKETS = 100_000
+LEAF_ROWS = 2000          # differing chunks are split into sub-buckets of about this many rows
+CHUNKS_PER_SCAN = 40      # a scan (one task) covers at most this many chunks
 MAX_REPORTED_ROWS = 1000  # per table
 MAX_SAMPLE_KEYS = 20000
 
@@ -224,37 +224,41 @@ class Table:
 
 
 @dataclass
-class Chunk:
-    """A key range: lower (exclusive unless ``lower_incl``) to upper (inclusive unless not ``upper_incl``)."""
+class Scan:
+    """One task of a full verification: a slice of a table (``where``) and how its rows are bucketed.
 
-    lower: tuple | None = None
-    upper: tuple | None = None
-    lower_incl: bool = False
-    upper_incl: bool = True
-    parent: "Chunk | None" = None
-    lead_only: bool = False   # bounds apply to the leading key column alone
+    ``bucket`` maps a row to its chunk: an equal-width range of an integer leading key (clamped,
+    so rows outside the source's range still land in the first or last chunk), or a hash of the
+    key. ``bucket_where(b)`` selects a chunk's rows cheaply (an index range) where possible.
+    """
 
-    def predicate(self, table: Table) -> tuple[sql.Composable, list[Any]]:
-        parts: list[sql.Composable] = []
-        params: list[Any] = []
-        for bound, op, incl_op in ((self.lower, ">", ">="), (self.upper, "<", "<=")):
-            if bound is None:
-                continue
-            use = (incl_op if (self.lower_incl if op == ">" else self.upper_incl) else op)
-            if len(bound) > 1:
-                ph = sql.SQL("ROW({})").format(sql.SQL(", ").join(sql.Placeholder() for _ in bound))
+    where: sql.Composable
+    params: list[Any]
+    bucket: sql.Composable
+    chunks: int
+    lead: str | None = None
+    lo: int = 0
+    width: int = 1
+
+    def bucket_where(self, buckets: list[int]) -> tuple[sql.Composable, list[Any]]:
+        if self.lead is None:
+            return sql.SQL("{} = ANY(%s)").format(self.bucket), [buckets]
+        col = sql.Identifier(self.lead)
+        parts, params = [], []
+        for b in buckets:
+            lower, upper = self.lo + b * self.width, self.lo + (b + 1) * self.width
+            if b <= 0 and b >= self.chunks - 1:
+                parts.append(sql.SQL("true"))
+            elif b <= 0:
+                parts.append(sql.SQL("{} < %s").format(col))
+                params.append(upper)
+            elif b >= self.chunks - 1:
+                parts.append(sql.SQL("{} >= %s").format(col))
+                params.append(lower)
             else:
-                ph = sql.Placeholder()
-            col = sql.Identifier(table.pk[0]) if self.lead_only else table.pk_row
-            parts.append(sql.SQL("{} " + use + " {}").format(col, ph))
-            params += list(bound)
-        if self.parent is not None:
-            p_sql, p_params = self.parent.predicate(table)
-            parts.append(p_sql)
-            params += p_params
-        if not parts:
-            return sql.SQL("true"), []
-        return sql.SQL(" AND ").join(parts), params
+                parts.append(sql.SQL("({c} >= %s AND {c} < %s)").format(c=col))
+                params += [lower, upper]
+        return sql.SQL("({})").format(sql.SQL(" OR ").join(parts)), params
 
 
 # -- the engine ------------------------------------------------------------------------------
@@ -373,7 +377,7 @@ def _run_tables(todo: list[Table], src: Side, dst: Side, mode: str, pct: float, 
                     elif kind == "whole":
                         _whole_table(table, r, s_conn, d_conn, other_side)
                     else:
-                        _compare_chunk(table, r, chunk, s_conn, d_conn, other_side, lock)
+                        _scan(table, r, chunk, s_conn, d_conn, other_side, lock)
                 except Exception as exc:  # noqa: BLE001 - never let a table pass that was not checked
                     # this worker's snapshot transaction is gone: record, and leave the rest to the others
                     with lock:
@@ -413,15 +417,11 @@ def _reset(conn) -> None:
 
 def _plan_table(t: Table, r: TableReport, src, dst, mode: str, chunk_rows: int, tasks: queue.Queue) -> None:
     if mode == "full" and t.pk:
-        # every chunk's checksum query counts its rows: no separate count pass (see _finish_counts)
-        estimate = src.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass",
-                               (t.ident.as_string(None),)).fetchone()[0]
-        if estimate < 0:
-            estimate = src.execute(sql.SQL("SELECT count(*) FROM {}").format(t.ident)).fetchone()[0]
+        # each chunk's checksum counts its rows: no separate count pass
         r.source_rows, r.target_rows = 0, 0
-        for chunk in _chunks(t, src, max(estimate, 0), chunk_rows):
-            r.chunks += 1
-            tasks.put((t, chunk, "chunk"))
+        for scan in _scans(t, src, chunk_rows):
+            r.chunks += scan.chunks
+            tasks.put((t, scan, "scan"))
         return
     count = sql.SQL("SELECT count(*) FROM {}").format(t.ident)
     r.source_rows = src.execute(count).fetchone()[0]
@@ -439,48 +439,36 @@ def _plan_table(t: Table, r: TableReport, src, dst, mode: str, chunk_rows: int, 
     tasks.put((t, None, "whole"))   # no primary key: a whole-table multiset hash
 
 
-def _chunks(t: Table, conn, rows: int, chunk_rows: int) -> list[Chunk]:
-    n = max(1, -(-rows // chunk_rows))
-    if n == 1:
-        return [Chunk()]
+def _scans(t: Table, conn, chunk_rows: int) -> list[Scan]:
+    """Split a table into scans of up to CHUNKS_PER_SCAN chunks of about ``chunk_rows`` rows."""
+    estimate = conn.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass",
+                            (t.ident.as_string(None),)).fetchone()[0]
+    if estimate < 0:   # never analyzed
+        estimate = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(t.ident)).fetchone()[0]
+    n = max(1, -(-max(estimate, 0) // chunk_rows))
     if t.pk_type in INTEGER_TYPES:
-        # integer leading key: equal-width ranges on it, from the index's min and max (no scan)
-        lo, hi = conn.execute(sql.SQL("SELECT min({c}), max({c}) FROM {t}").format(
-            c=sql.Identifier(t.pk[0]), t=t.ident)).fetchone()
-        if lo is None:
-            return [Chunk()]
-        step = max(1, -(-(hi - lo + 1) // n))
-        bounds = [lo + i * step for i in range(1, n) if lo + i * step <= hi]
-        chunks, prev = [], None
-        for b in bounds:
-            chunks.append(Chunk(lower=prev, upper=(b,), lower_incl=True, upper_incl=False, lead_only=True))
-            prev = (b,)
-        chunks.append(Chunk(lower=prev, lower_incl=True, lead_only=True))
-        return chunks
-    bounds = _row_bounds(t, conn, None, chunk_rows)
-    return _chunks_from_bounds(bounds, None)
-
-
-def _row_bounds(t: Table, conn, within: Chunk | None, every: int) -> list[tuple]:
-    where, params = (within.predicate(t) if within else (sql.SQL("true"), []))
-    q = sql.SQL("SELECT {c} FROM (SELECT {c}, row_number() OVER (ORDER BY {c}) AS tern_rn FROM {t} WHERE {w}) s "
-                "WHERE tern_rn %% %s = 0 ORDER BY tern_rn").format(c=t.pk_cols, t=t.ident, w=where)
-    return [tuple(row) for row in conn.execute(q, params + [every]).fetchall()]
-
-
-def _chunks_from_bounds(bounds: list[tuple], parent: Chunk | None) -> list[Chunk]:
-    chunks, prev = [], None
-    for b in bounds:
-        chunks.append(Chunk(lower=prev, upper=b, parent=parent))
-        prev = b
-    chunks.append(Chunk(lower=prev, parent=parent))
-    return chunks
-
-
-def _hash_sql(t: Table, chunk: Chunk) -> tuple[sql.Composable, list[Any]]:
-    where, params = chunk.predicate(t)
-    return sql.SQL("SELECT count(*), coalesce(sum({h}), 0) FROM {t} t WHERE {w}").format(
-        h=sql.SQL(t.hash_expr), t=t.ident, w=where), params
+        lead = sql.Identifier(t.pk[0])
+        lo, hi = conn.execute(sql.SQL("SELECT min({c}), max({c}) FROM {t}").format(c=lead, t=t.ident)).fetchone()
+        if lo is not None:
+            width = max(1, -(-(hi - lo + 1) // n))
+            n = max(1, -(-(hi - lo + 1) // width))
+            bucket = sql.SQL("least(greatest(({c} - {lo}) / {w}, 0), {last})").format(
+                c=lead, lo=sql.Literal(lo), w=sql.Literal(width), last=sql.Literal(n - 1))
+            scans = []
+            for first in range(0, n, CHUNKS_PER_SCAN):
+                last = min(n, first + CHUNKS_PER_SCAN) - 1
+                where, params = sql.SQL("true"), []
+                if first > 0 and last < n - 1:
+                    where, params = sql.SQL("({c} >= %s AND {c} < %s)").format(c=lead), \
+                        [lo + first * width, lo + (last + 1) * width]
+                elif first > 0:
+                    where, params = sql.SQL("{} >= %s").format(lead), [lo + first * width]
+                elif last < n - 1:
+                    where, params = sql.SQL("{} < %s").format(lead), [lo + (last + 1) * width]
+                scans.append(Scan(where, params, bucket, n, t.pk[0], lo, width))
+            return scans
+    bucket = sql.SQL("(({k}) & 9223372036854775807) %% {n}").format(k=sql.SQL(t.key_hash_expr), n=sql.Literal(n))
+    return [Scan(sql.SQL("true"), [], bucket, n)]
 
 
 def _both(other_side: ThreadPoolExecutor, s_conn, d_conn, query, params):
@@ -508,44 +496,51 @@ def _with_fallback_hash(t: Table, s_conn, d_conn, other_side, make_query):
         return _both(other_side, s_conn, d_conn, q, p)
 
 
-def _compare_chunk(t: Table, r: TableReport, chunk: Chunk, s_conn, d_conn, other_side, lock) -> None:
-    """Checksum one chunk on both sides; if it differs, bucket it by a hash of the key in one pass,
-    then compare the rows of the differing buckets (one more pass). The buckets do not depend on
-    row positions, so a missing or extra row shifts nothing."""
-    rows = _with_fallback_hash(t, s_conn, d_conn, other_side, lambda: _hash_sql(t, chunk))
-    (s_count, s_sum), (d_count, d_sum) = rows[0][0], rows[1][0]
+def _scan(t: Table, r: TableReport, scan: Scan, s_conn, d_conn, other_side, lock) -> None:
+    """Pass 1: every chunk's count and hash sum in one scan per side (both at once). If some differ,
+    pass 2 splits just those chunks into sub-buckets by a second hash of the key, and pass 3
+    compares the rows of the differing sub-buckets - each row named missing, extra or changed."""
+    def pass1():
+        return sql.SQL("SELECT {b}, count(*), coalesce(sum({h}), 0) FROM {t} t WHERE {w} GROUP BY 1").format(
+            b=scan.bucket, h=sql.SQL(t.hash_expr), t=t.ident, w=scan.where), scan.params
+
+    s_rows, d_rows = _with_fallback_hash(t, s_conn, d_conn, other_side, pass1)
+    s_map = {row[0]: (row[1], row[2]) for row in s_rows}
+    d_map = {row[0]: (row[1], row[2]) for row in d_rows}
     with lock:
-        r.checked_rows += s_count
-        r.source_rows = (r.source_rows or 0) + s_count
-        r.target_rows = (r.target_rows or 0) + d_count
-    if (s_count, s_sum) == (d_count, d_sum):
-        return
-    with lock:
-        r.differing_chunks += 1
-    if max(s_count, d_count) <= LEAF_ROWS:
-        _compare_rows(t, r, chunk, s_conn, d_conn, other_side, lock)
-        return
-    buckets = min(MAX_BUCKETS, -(-max(s_count, d_count) // LEAF_ROWS))
-    where, params = chunk.predicate(t)
-    bucket = sql.SQL("(({k}) & 9223372036854775807) %% {n}").format(k=sql.SQL(t.key_hash_expr), n=sql.Literal(buckets))
-    q = sql.SQL("SELECT {b} AS tern_bucket, count(*), coalesce(sum({h}), 0) FROM {t} t WHERE {w} GROUP BY 1").format(
-        b=bucket, h=sql.SQL(t.hash_expr), t=t.ident, w=where)
-    s_b, d_b = _both(other_side, s_conn, d_conn, q, params)
-    s_map = {row[0]: tuple(row[1:]) for row in s_b}
-    d_map = {row[0]: tuple(row[1:]) for row in d_b}
+        r.source_rows = (r.source_rows or 0) + sum(c for c, _ in s_map.values())
+        r.target_rows = (r.target_rows or 0) + sum(c for c, _ in d_map.values())
+        r.checked_rows += sum(c for c, _ in s_map.values())
     differing = sorted(b for b in set(s_map) | set(d_map) if s_map.get(b) != d_map.get(b))
     if not differing:
-        return  # the chunk's sums differed but no bucket does: impossible unless rows changed meanwhile
-    extra = (sql.SQL("{} = ANY(%s)").format(bucket), [differing])
-    _compare_rows(t, r, chunk, s_conn, d_conn, other_side, lock, extra=extra)
+        return
+    with lock:
+        r.differing_chunks += len(differing)
+    biggest = max(max(s_map.get(b, (0, 0))[0], d_map.get(b, (0, 0))[0]) for b in differing)
+    subs = max(1, -(-biggest // LEAF_ROWS))
+    sub = sql.SQL("((({k}) & 9223372036854775807) %% {n})").format(
+        k=sql.SQL(t.key_hash_expr.replace(", 0)", ", 1)")), n=sql.Literal(subs)) if subs > 1 else sql.SQL("0")
+    in_chunks, in_params = scan.bucket_where(differing)
+    where = sql.SQL("{} AND {} AND {} = ANY(%s)").format(scan.where, in_chunks, scan.bucket)
+    params = scan.params + in_params + [differing]
+    pairs = [(b, 0) for b in differing]
+    if subs > 1:
+        q2 = sql.SQL("SELECT {b}, {s}, count(*), coalesce(sum({h}), 0) FROM {t} t WHERE {w} GROUP BY 1, 2").format(
+            b=scan.bucket, s=sub, h=sql.SQL(t.hash_expr), t=t.ident, w=where)
+        s2, d2 = _both(other_side, s_conn, d_conn, q2, params)
+        s2m = {(row[0], row[1]): (row[2], row[3]) for row in s2}
+        d2m = {(row[0], row[1]): (row[2], row[3]) for row in d2}
+        pairs = sorted(k for k in set(s2m) | set(d2m) if s2m.get(k) != d2m.get(k))
+        if not pairs:
+            return
+    rows_where = sql.SQL("{} AND ({}, {}) IN (SELECT * FROM unnest(%s::int[], %s::int[]))").format(
+        where, scan.bucket, sub)
+    _compare_rows(t, r, rows_where, params + [[b for b, _ in pairs], [x for _, x in pairs]],
+                  s_conn, d_conn, other_side, lock)
 
 
-def _compare_rows(t: Table, r: TableReport, chunk: Chunk, s_conn, d_conn, other_side, lock,
-                  extra: tuple[sql.Composable, list[Any]] | None = None) -> None:
-    where, params = chunk.predicate(t)
-    if extra is not None:
-        where = sql.SQL("{} AND {}").format(where, extra[0])
-        params = params + extra[1]
+def _compare_rows(t: Table, r: TableReport, where: sql.Composable, params: list[Any], s_conn, d_conn,
+                  other_side, lock) -> None:
     q = sql.SQL("SELECT {c}, {h} FROM {t} t WHERE {w}").format(c=t.pk_cols, h=sql.SQL(t.hash_expr), t=t.ident, w=where)
     s_rows, d_rows = _both(other_side, s_conn, d_conn, q, params)
     s_map = {tuple(row[:-1]): row[-1] for row in s_rows}
@@ -581,9 +576,12 @@ def _changed_columns(t: Table, key: tuple, s_conn, d_conn) -> list[str]:
 
 
 def _whole_table(t: Table, r: TableReport, s_conn, d_conn, other_side) -> None:
+    def query():
+        return sql.SQL("SELECT count(*), coalesce(sum({h}), 0) FROM {t} t").format(
+            h=sql.SQL(t.hash_expr), t=t.ident), []
+
     (s_count, s_sum), (d_count, d_sum) = [rows[0] for rows in
-                                          _with_fallback_hash(t, s_conn, d_conn, other_side,
-                                                              lambda: _hash_sql(t, Chunk()))]
+                                          _with_fallback_hash(t, s_conn, d_conn, other_side, query)]
     r.checked_rows += s_count
     if (s_count, s_sum) != (d_count, d_sum):
         r.problems.append("content differs (no primary key: the rows cannot be named; whole-table multiset hash)")

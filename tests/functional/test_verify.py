@@ -183,3 +183,21 @@ def test_cli_exit_status(fresh):
     bad = run_invoke("verify", "--source", "source", "--target", "aurora", "--mode", "quick",
                      sandbox_dir=fresh.sb.root)
     assert bad.returncode == 2 and "unknown mode 'quick'" in bad.stderr
+
+
+def test_many_scans_and_hash_buckets_still_localize(fresh):
+    """Small chunks: items spans two scans (over 40 chunks each); uu (uuid keys) uses key-hash buckets."""
+    fresh.on_target("DELETE FROM items WHERE id IN (5, 23990)")
+    fresh.on_target("INSERT INTO items (id, name) VALUES (-7, 'below the source range')")
+    fresh.on_target("UPDATE uu SET v = v + 1 WHERE id IN (md5('3')::uuid, md5('999')::uuid)")
+    fresh.on_target("INSERT INTO uu VALUES ('00000000-0000-0000-0000-000000000001', 1)")
+    report = fresh.run(chunk_rows=100, jobs=3)
+    items = rows_of(report, "public.items")
+    assert items.chunks > 40
+    assert sorted((r.kind, r.key["id"]) for r in items.rows) == [("extra", -7), ("missing", 5), ("missing", 23990)]
+    uu = rows_of(report, "public.uu")
+    assert uu.chunks == 10
+    kinds = sorted(r.kind for r in uu.rows)
+    assert kinds == ["changed", "changed", "extra"]
+    assert all(r.columns == ["v"] for r in uu.rows if r.kind == "changed")
+    assert items.source_rows == 24000 and items.target_rows == 23999
