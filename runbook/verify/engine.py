@@ -37,6 +37,10 @@ MAX_SAMPLE_KEYS = 20000
 
 Progress = Callable[[str, int, int], None]
 
+# JIT compilation costs more than it saves on checksum scans; the chunk aggregates are tiny,
+# but the planner cannot know it and would plan a spilling hash aggregate without memory
+SESSION_OPTIONS = "-c jit=off -c work_mem=64MB"
+
 
 @dataclass
 class RowDifference:
@@ -134,7 +138,7 @@ class Side:
         self.timeout = timeout
         self.stack = stack
         self.coordinator = stack.enter_context(connect(url, purpose=f"verify-{name}", autocommit=False,
-                                                       timeout=timeout))
+                                                       timeout=timeout, options=SESSION_OPTIONS))
         self.coordinator.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         try:
             self.snapshot: str | None = self.coordinator.execute("SELECT pg_export_snapshot()").fetchone()[0]
@@ -149,7 +153,7 @@ class Side:
         if self.snapshot is None:
             return self.coordinator
         conn = self.stack.enter_context(connect(self.url, purpose=f"verify-{self.name}", autocommit=False,
-                                                timeout=self.timeout))
+                                                timeout=self.timeout, options=SESSION_OPTIONS))
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         conn.execute("SET TRANSACTION SNAPSHOT %s" % sql.Literal(self.snapshot).as_string(None))
         return conn
@@ -198,16 +202,17 @@ class Table:
     hash_expr: str = "hash_record_extended(t.*, 0)"
 
     def __post_init__(self) -> None:
+        # hash an explicit ROW(...) of the columns: cheaper than the whole-row reference t.*,
+        # and enum (and reg*, composite) values hash by OID, which differs between clusters: their text
+        parts = [sql.SQL("t.{}::text").format(sql.Identifier(c)) if c in self.text_hashed
+                 else sql.SQL("t.{}").format(sql.Identifier(c)) for c in self.columns]
+        if parts:
+            self.hash_expr = sql.SQL("hash_record_extended(ROW({}), 0)").format(sql.SQL(", ").join(parts)) \
+                .as_string(None)
         key = [sql.SQL("t.{}::text").format(sql.Identifier(c)) if c in self.text_hashed
                else sql.SQL("t.{}").format(sql.Identifier(c)) for c in self.pk]
         self.key_hash_expr = sql.SQL("hash_record_extended(ROW({}), 0)").format(sql.SQL(", ").join(key)) \
             .as_string(None) if self.pk else ""
-        # enum (and reg*, composite) values hash by OID, which differs between clusters: hash their text
-        if self.text_hashed:
-            parts = [sql.SQL("t.{}::text").format(sql.Identifier(c)) if c in self.text_hashed
-                     else sql.SQL("t.{}").format(sql.Identifier(c)) for c in self.columns]
-            self.hash_expr = sql.SQL("hash_record_extended(ROW({}), 0)").format(sql.SQL(", ").join(parts)) \
-                .as_string(None)
 
     @property
     def ident(self) -> sql.Composable:
@@ -474,7 +479,14 @@ def _scans(t: Table, conn, chunk_rows: int) -> list[Scan]:
 def _both(other_side: ThreadPoolExecutor, s_conn, d_conn, query, params):
     """The same query on both sides at once."""
     fut = other_side.submit(lambda: s_conn.execute(query, params).fetchall())
-    d_rows = d_conn.execute(query, params).fetchall()
+    try:
+        d_rows = d_conn.execute(query, params).fetchall()
+    except BaseException:
+        try:
+            fut.result()     # never leave the other side's query running behind our back
+        except BaseException:  # noqa: BLE001 - the target's error is the one reported
+            pass
+        raise
     return fut.result(), d_rows
 
 
