@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json as jsonlib
 import time
 
 from invoke import Exit, task
@@ -53,7 +54,7 @@ def rehearse(c, seconds=5.0, scale=None, dataset=None, rate=None, keep=False, js
         report["final_ledger_check"] = result
         saved = s.state_dir / "rehearsals"
         saved.mkdir(parents=True, exist_ok=True)
-        (saved / f"{report['run_id']}.json").write_text(__import__("json").dumps(report, indent=2, default=str))
+        (saved / f"{report['run_id']}.json").write_text(jsonlib.dumps(report, indent=2, default=str))
     finally:
         if not keep:
             sb.down(check_ledger=False)

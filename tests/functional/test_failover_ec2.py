@@ -223,3 +223,26 @@ def test_killed_after_each_step_resumes_and_loses_nothing(env, step):
     report = json.loads(second.stdout[second.stdout.index("{"):])
     assert report["outcome"] == "completed"
     assert_nothing_lost(env, report)
+
+
+@pytest.mark.parametrize("delay", [0.5, 1.2, 2.0])
+def test_killed_at_an_arbitrary_moment_resumes_and_loses_nothing(env, delay):
+    """Not at a step boundary: SIGKILL the whole process group after ``delay`` seconds, wherever it is."""
+    import subprocess
+    import sys
+
+    env_vars = dict(os.environ, INVOKE_TERN_SANDBOX_DIR=str(env.sb.root), INVOKE_TERN_STATE_DIR=str(env.root / "state"))
+    invoke = str(Path(sys.executable).with_name("invoke"))
+    proc = subprocess.Popen([invoke, "failover-ec2", "--yes"], cwd=Path(__file__).resolve().parents[2], env=env_vars,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(delay)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    second = env.invoke("failover-ec2", "--yes", "--json")
+    if second.returncode != 0 and "no replica is ready" in second.stderr:
+        pytest.fail(f"the first run had finished or left no resumable run: {second.stderr[-1500:]}")
+    assert second.returncode == 0, second.stderr[-3000:]
+    report = json.loads(second.stdout[second.stdout.index("{"):])
+    assert report["outcome"] == "completed"
+    assert_nothing_lost(env, report)
