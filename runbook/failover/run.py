@@ -16,6 +16,23 @@ from . import ec2
 from .context import Context
 
 
+def _completed_run(state_dir: Path, outputs: Outputs, app) -> Journal | None:
+    """The last completed failover-ec2 whose new leader the app still uses (running again is a no-op)."""
+    from ..pg import url_endpoint
+
+    run_id = Journal.latest(state_dir, ec2.KIND)
+    if run_id is None:
+        return None
+    journal = Journal.load(state_dir, run_id)
+    outcome = journal.outcome()
+    leader = journal.context().get("new_leader")
+    if not outcome or outcome[0] != "completed" or not leader:
+        return None
+    url = app.config_var(outputs.source.database_url_var)
+    r = outputs.replica(leader)
+    return journal if url and url_endpoint(url)[:2] == (r.host, r.port) else None
+
+
 def failover_ec2(outputs: Outputs, settings: Settings, *, candidate: str | None = None, dry_run: bool = False,
                  confirm: Callable[[str], bool], progress: Callable[[str], None] | None = None,
                  hooks: dict[str, Callable[[Any], None]] | None = None) -> dict[str, Any]:
@@ -31,6 +48,14 @@ def failover_ec2(outputs: Outputs, settings: Settings, *, candidate: str | None 
         if progress:
             progress(f"resuming run {journal.run_id}")
     app = app_for(outputs.app)
+    if journal is None and not dry_run:
+        finished = _completed_run(state_dir, outputs, app)
+        if finished is not None:
+            if progress:
+                progress(f"already done: run {finished.run_id} completed and the app uses its new leader")
+            report = report_mod.build(finished, outputs)
+            report["already_done"] = True
+            return report
     if dry_run:
         journal = journal or Journal(Path("/dev/null"), "dry-run", ec2.KIND)
         ctx = Context(outputs, settings, app, journal, data=journal.context(), progress=progress)

@@ -96,7 +96,10 @@ def test_failover_end_to_end_and_stale_connection_cannot_write(env):
     other = next(n for n in status["nodes"] if n["kind"] == "ec2" and n["name"] != report["new_leader"])
     assert other["role"] == "standby" and other["timeline"] == 2
     assert other["upstream"] == f"{leader.host}:{leader.port}"
-    # running it again is a no-op on a completed migration: a new run finds nothing healthy to promote
+    # running it again is a no-op on a completed migration
+    again = env.invoke("failover-ec2", "--yes", "--json")
+    assert again.returncode == 0 and "already done" in again.stderr, again.stderr[-1500:]
+    assert json.loads(again.stdout[again.stdout.index("{"):])["run_id"] == report["run_id"]
     assert_nothing_lost(env, report)
     # no secret anywhere in the journal or report
     secrets = json.loads(env.sb.secrets_file.read_text()).values()
