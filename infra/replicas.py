@@ -13,7 +13,7 @@ USER_DATA = """#!/bin/bash
 # tern replica bootstrap: PostgreSQL {pg_major} (PGDG) and WAL-G, stopped and empty until `invoke restore`.
 set -euo pipefail
 apt-get update -q
-apt-get install -y -q curl ca-certificates gnupg daemontools xfsprogs
+apt-get install -y -q curl ca-certificates gnupg daemontools xfsprogs awscli python3
 install -d /usr/share/postgresql-common/pgdg
 curl -fsSo /usr/share/postgresql-common/pgdg/apt.postgresql.org.asc https://www.postgresql.org/media/keys/ACCC4CF8.asc
 echo "deb [signed-by=/usr/share/postgresql-common/pgdg/apt.postgresql.org.asc] https://apt.postgresql.org/pub/repos/apt $(. /etc/os-release; echo $VERSION_CODENAME)-pgdg main" > /etc/apt/sources.list.d/pgdg.list
@@ -51,6 +51,7 @@ class ReplicasArgs:
     region: str
     wal_archive_bucket: str
     wal_archive_prefix: str
+    replication_secret_arn: pulumi.Input[str] | None = None
     protect: bool = False
     tags: dict[str, str] = field(default_factory=dict)
 
@@ -80,6 +81,15 @@ class Replicas(pulumi.ComponentResource):
                  "Resource": f"arn:aws:s3:::{args.wal_archive_bucket}/{prefix}/*"},
             ],
         }), opts=child)
+        if args.replication_secret_arn is not None:
+            # the repoint writes the replication passfile on the host from Secrets Manager,
+            # so the password never travels in an SSM command
+            self.secret_read = aws.iam.RolePolicy(
+                f"{name}-replication-secret", role=self.role.id,
+                policy=pulumi.Output.from_input(args.replication_secret_arn).apply(lambda arn: json.dumps({
+                    "Version": "2012-10-17",
+                    "Statement": [{"Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"], "Resource": arn}],
+                })), opts=child)
         self.profile = aws.iam.InstanceProfile(f"{name}-profile", role=self.role.name, opts=child)
         user_data = USER_DATA.format(pg_major=args.pg_major, bucket=args.wal_archive_bucket, prefix=prefix,
                                      region=args.region)

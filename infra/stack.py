@@ -44,16 +44,6 @@ def build(cfg: StackConfig, stack_name: str) -> Stack:
     ami = cfg.ami_id or aws.ec2.get_ami_output(
         most_recent=True, owners=["136693071363"],  # Debian
         filters=[aws.ec2.GetAmiFilterArgs(name="name", values=["debian-12-amd64-*"])]).id
-    replicas = Replicas("tern-replicas", ReplicasArgs(
-        count=cfg.replica_count, zones=cfg.zones, subnets=cfg.private_subnets, security_group_id=network.replicas.id,
-        instance_type=cfg.instance_type, ebs_size_gb=cfg.ebs_size_gb, ebs_iops=cfg.ebs_iops, pg_major=cfg.pg_major,
-        ami_id=ami, region=cfg.region, wal_archive_bucket=cfg.wal_archive_bucket,
-        wal_archive_prefix=cfg.wal_archive_prefix, protect=cfg.protect, tags=tags))
-    aurora = Aurora("tern-aurora", AuroraArgs(
-        engine_version=cfg.aurora_engine_version, instance_class=cfg.aurora_instance_class,
-        instance_count=cfg.aurora_instance_count, zones=cfg.zones, subnet_ids=subnets,
-        security_group_id=network.aurora.id, database=cfg.database, backup_retention_days=cfg.backup_retention_days,
-        production=production, protect=cfg.protect, tags=tags))
     # the replication role's password: a config secret, stored in Secrets Manager, exported by reference only
     replication_secret = aws.secretsmanager.Secret("tern-replication", description="tern replication role",
                                                    recovery_window_in_days=0 if cfg.rehearsal else 7, tags=tags)
@@ -62,6 +52,17 @@ def build(cfg: StackConfig, stack_name: str) -> Stack:
             "tern-replication", secret_id=replication_secret.id,
             secret_string=pulumi.Output.secret(cfg.replication_password).apply(
                 lambda pw: json.dumps({"username": "tern_replicator", "password": pw})))
+    replicas = Replicas("tern-replicas", ReplicasArgs(
+        count=cfg.replica_count, zones=cfg.zones, subnets=cfg.private_subnets, security_group_id=network.replicas.id,
+        instance_type=cfg.instance_type, ebs_size_gb=cfg.ebs_size_gb, ebs_iops=cfg.ebs_iops, pg_major=cfg.pg_major,
+        ami_id=ami, region=cfg.region, wal_archive_bucket=cfg.wal_archive_bucket,
+        wal_archive_prefix=cfg.wal_archive_prefix, replication_secret_arn=replication_secret.arn,
+        protect=cfg.protect, tags=tags))
+    aurora = Aurora("tern-aurora", AuroraArgs(
+        engine_version=cfg.aurora_engine_version, instance_class=cfg.aurora_instance_class,
+        instance_count=cfg.aurora_instance_count, zones=cfg.zones, subnet_ids=subnets,
+        security_group_id=network.aurora.id, database=cfg.database, backup_retention_days=cfg.backup_retention_days,
+        production=production, protect=cfg.protect, tags=tags))
     leader = replicas.instances[0]
     dms = Dms("tern-dms", DmsArgs(
         instance_class=cfg.dms_instance_class, subnet_ids=subnets, security_group_id=network.dms.id,

@@ -117,3 +117,23 @@ def with_endpoint(url: str, host: str, port: int) -> str:
 
 def url_user(url: str) -> str:
     return unquote(urlsplit(url).username or "")
+
+
+def scram_verifier(password: str, *, iterations: int = 4096, salt: bytes | None = None) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL stores for ``password`` (RFC 5802/7677).
+
+    ``CREATE ROLE ... PASSWORD '<verifier>'`` sets the password without the plaintext ever
+    reaching the server, its logs, or a command channel's history.
+    """
+    import base64
+    import hashlib
+    import hmac
+    import os as _os
+
+    salt = salt if salt is not None else _os.urandom(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), salt, iterations)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+    b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"

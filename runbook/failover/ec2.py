@@ -37,7 +37,7 @@ import psycopg
 
 from ..adapters.snapshots import snapshots_for
 from ..errors import DatabaseError, PreflightError, RunbookError, StepError, TimeoutExpired, VerificationError
-from ..pg import connect, lsn_to_int, url_endpoint, url_user
+from ..pg import connect, lsn_to_int, scram_verifier, url_endpoint, url_user
 from ..postgres import literal
 from ..secrets import resolve
 from ..status import replica_status
@@ -413,7 +413,8 @@ def repoint(ctx: Context) -> dict[str, Any]:
     password = resolve(ctx.outputs.credentials.replication_password)
     exists = lpg.query(f"SELECT 1 FROM pg_roles WHERE rolname = {literal(REPLICATION_ROLE)}")
     verb = "ALTER" if exists else "CREATE"
-    lpg.psql(f"{verb} ROLE {REPLICATION_ROLE} LOGIN REPLICATION PASSWORD {literal(password)}")
+    # only the SCRAM verifier travels to the leader: never the password itself
+    lpg.psql(f"{verb} ROLE {REPLICATION_ROLE} LOGIN REPLICATION PASSWORD {literal(scram_verifier(password))}")
     results: dict[str, str] = {}
     for name in ctx.data["others"]:
         try:
@@ -432,7 +433,7 @@ def repoint_one(ctx: Context, name: str, leader, lpg, password: str) -> str:
     r = ctx.replica(name)
     pg = ctx.pg(name)
     passfile = r.data_dir.rstrip("/") + ".pgpass"
-    pg.host.write_file(passfile, f"{leader.host}:{leader.port}:*:{REPLICATION_ROLE}:{password}\n")
+    write_passfile(ctx, pg, passfile, f"{leader.host}:{leader.port}:*:{REPLICATION_ROLE}:", password)
     conninfo = (f"host={leader.host} port={leader.port} user={REPLICATION_ROLE} passfile={passfile} "
                 f"application_name={name}")
     want = ctx.data["leader_timeline"]
@@ -451,6 +452,21 @@ def repoint_one(ctx: Context, name: str, leader, lpg, password: str) -> str:
     rebuild_from_leader(ctx, name, leader, conninfo, slot, passfile)
     return "rebuilt from the new leader; " + wait_streaming(ctx, pg, leader, slot, want,
                                                             timeout=ctx.settings.repoint_timeout)
+
+
+def write_passfile(ctx: Context, pg, path: str, prefix: str, password: str) -> None:
+    """A libpq passfile on the replica's host. Over SSM the password must not travel in the command
+    (SSM keeps command history): the host reads it from Secrets Manager with its instance role."""
+    ref = ctx.outputs.credentials.replication_password
+    if pg.host.__class__.__name__ == "SsmHost" and ref.startswith("aws-secretsmanager:"):
+        arn, _, key = ref.partition(":")[2].partition("#")
+        script = ('umask 077; v=$(aws secretsmanager get-secret-value --secret-id "$1" --query SecretString '
+                  '--output text) && if [ -n "$2" ]; then v=$(printf %s "$v" | python3 -c '
+                  '"import json,sys; print(json.load(sys.stdin)[sys.argv[1]])" "$2"); fi && '
+                  'printf "%s%s\\n" "$3" "$v" > "$4.tern-tmp" && mv "$4.tern-tmp" "$4"')
+        pg.host.run(["sh", "-c", script, "sh", arn, key, prefix, path], timeout=60)
+        return
+    pg.host.write_file(path, f"{prefix}{password}\n")
 
 
 def wait_streaming(ctx: Context, pg, leader, slot: str, want: int, *, timeout: float) -> str:

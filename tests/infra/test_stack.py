@@ -220,3 +220,19 @@ def test_both_stack_files_set_every_key():
         missing = [k for k in keys if f"tern:{k}" not in data and k not in ("ami_id", "tags")]
         assert not missing, (stack, missing)
         assert "tern:replication_password" in data and "secure" in data["tern:replication_password"]
+
+
+@pulumi.runtime.test
+def test_replicas_may_read_only_the_replication_secret_and_the_archive(built):
+    _, stack, mocks = built
+
+    def check(_):
+        policies = {name: json.loads(state["policy"]) for name, state in of_type(mocks, "aws:iam/rolePolicy:RolePolicy")}
+        secret = policies["tern-replicas-replication-secret"]["Statement"]
+        assert secret == [{"Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"],
+                           "Resource": "arn:aws:mock:us-east-1:123456789012:tern-replication"}]
+        archive = policies["tern-replicas-archive-read"]["Statement"]
+        assert {a for st in archive for a in st["Action"]} == {"s3:ListBucket", "s3:GetObject"}
+        return True
+
+    return pulumi.Output.all(all_registered(stack), stack.replicas.secret_read.urn).apply(check)

@@ -26,3 +26,17 @@ def test_settings_reject_unknown_key_and_bad_type():
     s = Settings.from_mapping({"replicas": "3", "sample_percent": 2})
     assert s.replicas == 3 and s.sample_percent == 2.0
     assert s.replace(replicas=None).replicas == 3
+
+
+def test_scram_verifier_matches_postgresql_format():
+    import base64
+
+    from runbook.pg import scram_verifier
+
+    v = scram_verifier("pencil", salt=b"0123456789abcdef")
+    head, keys = v.split("$", 1)[0], v.split("$", 2)
+    assert head == "SCRAM-SHA-256" and keys[1] == "4096:" + base64.b64encode(b"0123456789abcdef").decode()
+    stored, server = keys[2].split(":")
+    assert len(base64.b64decode(stored)) == 32 and len(base64.b64decode(server)) == 32
+    assert "pencil" not in v
+    assert scram_verifier("pencil") != scram_verifier("pencil")   # a fresh salt each time
