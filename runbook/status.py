@@ -6,7 +6,8 @@ JSON keys (stable):
 ``timeline``, ``lsn`` (current LSN of a primary, replayed LSN of a standby), ``receive_lsn``,
 ``lag_bytes`` and ``lag_seconds`` (behind the source's *current* LSN while the source leads),
 ``upstream`` (``archive``, ``host:port`` or null), ``last_segment`` (last WAL segment replayed),
-``availability_zone``, ``error``.
+``availability_zone``, ``error``; the source also has ``fenced`` (new sessions of the app role are
+read-only) and ``current_app_target`` (the app's DATABASE_URL points at it).
 ``app``: ``maintenance``, ``formation``, ``running``, ``database_endpoint``.
 ``ledger``: ``acknowledged``, ``in_doubt`` (sandbox only; null elsewhere).
 """
@@ -40,7 +41,8 @@ def replica_host(replica: Replica) -> PgHost:
 
 SOURCE_SQL = ("SELECT pg_is_in_recovery() AS in_recovery, pg_current_wal_lsn()::text AS lsn, "
               "pg_current_wal_insert_lsn()::text AS insert_lsn, "
-              "('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int AS timeline")
+              "('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int AS timeline, "
+              "current_setting('default_transaction_read_only') = 'on' AS fenced")
 
 REPLICA_SQL = """
 SELECT pg_is_in_recovery() AS in_recovery,
@@ -63,9 +65,9 @@ def source_status(app: AppControl, outputs: Outputs, timeout: float) -> dict[str
     try:
         with connect(source_url(app, outputs), purpose="status", timeout=timeout) as conn:
             row = conn.execute(SOURCE_SQL).fetchone()
-        entry.update(role="standby" if row[0] else "primary", lsn=row[1], timeline=row[3])
+        entry.update(role="standby" if row[0] else "primary", lsn=row[1], timeline=row[3], fenced=row[4])
     except RunbookError as exc:
-        entry.update(role="unreachable", lsn=None, timeline=None, error=str(exc))
+        entry.update(role="unreachable", lsn=None, timeline=None, fenced=None, error=str(exc))
     entry["current_app_target"] = bool(url) and url_endpoint(url)[:2] == url_endpoint(source_url(app, outputs))[:2]
     return entry
 

@@ -96,7 +96,7 @@ class AppControl(ABC):
         """Prove the app wrote and read through ``host:port`` after ``since``; returns a description."""
 
 
-def host_for(replica, *, bin_dir: str | None = None) -> HostCommands:
+def host_for(replica) -> HostCommands:
     """The command channel named by a replica's ``commands`` field."""
     channel = replica.commands
     if channel.kind == "local":

@@ -33,7 +33,8 @@ def render(data) -> None:
     for col in ("node", "kind", "zone", "role", "TL", "LSN", "lag bytes", "lag s", "upstream", "last segment"):
         table.add_column(col)
     for n in data["nodes"]:
-        table.add_row(n["name"], n["kind"], n.get("availability_zone") or "", n["role"] or "",
+        role = (n["role"] or "") + (" (fenced)" if n.get("fenced") else "")
+        table.add_row(n["name"], n["kind"], n.get("availability_zone") or "", role,
                       str(n.get("timeline") or ""), n.get("lsn") or "",
                       "" if n.get("lag_bytes") is None else f"{n['lag_bytes']:,}",
                       "" if n.get("lag_seconds") is None else f"{n['lag_seconds']:.1f}",

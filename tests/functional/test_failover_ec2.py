@@ -93,6 +93,8 @@ def test_failover_end_to_end_and_stale_connection_cannot_write(env):
             conn.execute("INSERT INTO audit_events (actor, payload) VALUES ('stale', '{}')")
     # the other replica follows the new leader on the new timeline
     status = json.loads(env.invoke("status", "--json").stdout)
+    source = next(n for n in status["nodes"] if n["kind"] == "source")
+    assert source["fenced"] is True and source["current_app_target"] is False
     other = next(n for n in status["nodes"] if n["kind"] == "ec2" and n["name"] != report["new_leader"])
     assert other["role"] == "standby" and other["timeline"] == 2
     assert other["upstream"] == f"{leader.host}:{leader.port}"
