@@ -15,7 +15,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import PreflightError
 from .redact import redact
+
+
+class RunLock:
+    """One runbook process per kind at a time: an exclusive, non-blocking lock on a file.
+
+    The kernel releases it when the holder dies, so a killed run never leaves a stale lock.
+    """
+
+    def __init__(self, state_dir: Path, kind: str) -> None:
+        self.path = Path(state_dir) / "runs" / f"{kind}.lock"
+        self.kind = kind
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise PreflightError(f"another {self.kind} is running (pid {holder}); wait for it or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 @dataclass

@@ -9,7 +9,7 @@ from .. import report as report_mod
 from ..adapters import app_for
 from ..contract import Outputs
 from ..errors import ConfigError, StepError
-from ..journal import Journal
+from ..journal import Journal, RunLock
 from ..settings import Settings
 from ..steps import Runner
 from . import ec2
@@ -39,6 +39,15 @@ def failover_ec2(outputs: Outputs, settings: Settings, *, candidate: str | None 
     if candidate is not None:
         outputs.replica(candidate)  # unknown name: ContractError before anything happens
     state_dir = Path(settings.state_dir)
+    if dry_run:
+        return _run(outputs, settings, state_dir, candidate, True, confirm, progress, hooks)
+    with RunLock(state_dir, ec2.KIND):
+        return _run(outputs, settings, state_dir, candidate, False, confirm, progress, hooks)
+
+
+def _run(outputs: Outputs, settings: Settings, state_dir: Path, candidate: str | None, dry_run: bool,
+         confirm: Callable[[str], bool], progress: Callable[[str], None] | None,
+         hooks: dict[str, Callable[[Any], None]] | None) -> dict[str, Any]:
     journal = Journal.current(state_dir, ec2.KIND)
     if journal is not None:
         previous = journal.context().get("requested_candidate")

@@ -40,3 +40,15 @@ def test_scram_verifier_matches_postgresql_format():
     assert len(base64.b64decode(stored)) == 32 and len(base64.b64decode(server)) == 32
     assert "pencil" not in v
     assert scram_verifier("pencil") != scram_verifier("pencil")   # a fresh salt each time
+
+
+def test_run_lock_refuses_a_second_runner_and_frees_on_exit(tmp_path):
+    from runbook.errors import PreflightError
+    from runbook.journal import RunLock
+
+    with RunLock(tmp_path, "failover-ec2"):
+        with pytest.raises(PreflightError, match=r"another failover-ec2 is running \(pid \d+\)"):
+            with RunLock(tmp_path, "failover-ec2"):
+                pass
+    with RunLock(tmp_path, "failover-ec2"):   # released: a new runner may take it
+        pass
