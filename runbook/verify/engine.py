@@ -2,11 +2,13 @@
 
 * Each side is read in one snapshot: a coordinator connection opens a REPEATABLE READ,
   READ ONLY transaction and exports its snapshot; every worker connection imports it.
-* ``full``: per table, chunks by primary-key ranges; each chunk's ``count(*)`` and
-  ``sum(hash_record_extended(row, 0))`` are computed server side, on both sides at once.
-  A chunk that differs is split until small enough, then compared row by row, and each
-  row is reported by key as missing, extra or changed (with the columns that differ).
-  A table without a primary key gets a whole-table multiset hash (not localizable).
+* ``full``: per table (or slice of a large table), one grouped scan per side - both sides at
+  once - gives every chunk's ``count(*)`` and ``sum(hash_record_extended(ROW(columns), 0))``.
+  Chunks are equal ranges of an integer leading key, else buckets of a hash of the key. A chunk
+  that differs is split into sub-buckets by a second hash of the key (one more scan of just
+  those chunks), and the rows of the differing sub-buckets are compared one by one: each is
+  reported by key as missing, extra or changed (with the columns that differ). A table
+  without a primary key gets a whole-table multiset hash (not localizable).
 * The result is ``ok`` only when everything requested was checked and equal: an error,
   a table that could not be checked, or any difference makes it fail.
 """
