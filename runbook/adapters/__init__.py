@@ -85,7 +85,8 @@ class AppControl(ABC):
     def formation(self) -> dict[str, int]: ...
 
     @abstractmethod
-    def scale(self, quantities: Mapping[str, int], *, timeout: float) -> None: ...
+    def scale(self, quantities: Mapping[str, int], *, timeout: float) -> dict[str, int]:
+        """Set the formation; returns the previous quantities of the types changed (to restore them)."""
 
     @abstractmethod
     def running(self) -> dict[str, int]:

@@ -124,12 +124,14 @@ class HerokuApp(AppControl):
                 counts[d["type"]] = counts.get(d["type"], 0) + 1
         return counts
 
-    def scale(self, quantities: Mapping[str, int], *, timeout: float) -> None:
+    def scale(self, quantities: Mapping[str, int], *, timeout: float) -> dict[str, int]:
         for t, n in quantities.items():
             if int(n) < 0:
                 raise ConfigError(f"process type {t} cannot be scaled to {n}")
         if not quantities:
-            return
+            return {}
+        current = self.formation()
+        previous = {t: current.get(t, 0) for t in quantities}
         self.request("PATCH", f"/apps/{self.app}/formation",
                      {"updates": [{"type": t, "quantity": int(n)} for t, n in quantities.items()]})
         deadline = time.monotonic() + timeout
@@ -137,7 +139,7 @@ class HerokuApp(AppControl):
             running = self.running()
             stopped = all(running.get(t, 0) <= n for t, n in quantities.items())
             if stopped:
-                return
+                return previous
             if time.monotonic() > deadline:
                 raise TimeoutExpired(f"Heroku dynos still running after {timeout:.0f}s: {running}")
             self.sleep(1.0)

@@ -124,13 +124,14 @@ class LocalApp(AppControl):
             )
         self._pidfile(dyno).write_text(str(proc.pid))
 
-    def scale(self, quantities: Mapping[str, int], *, timeout: float) -> None:
+    def scale(self, quantities: Mapping[str, int], *, timeout: float) -> dict[str, int]:
         for t, n in quantities.items():
             if t not in PROCESS_TYPES:
                 raise ConfigError(f"unknown process type {t!r}; known: {', '.join(PROCESS_TYPES)}")
             if n < 0:
                 raise ConfigError(f"process type {t} cannot be scaled to {n}")
         state = self._state()
+        previous = {t: state.formation.get(t, 0) for t in quantities}
         state.formation.update({t: int(n) for t, n in quantities.items()})
         write_state(self.state_dir, state)
         running = self.pids()
@@ -139,6 +140,7 @@ class LocalApp(AppControl):
                 if f"{t}.{i}" not in running:
                     self._spawn(f"{t}.{i}")
         self._wait_formation(state.formation, timeout)
+        return previous
 
     def _wait_formation(self, formation: Mapping[str, int], timeout: float) -> None:
         deadline = time.monotonic() + timeout

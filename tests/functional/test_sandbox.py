@@ -92,7 +92,7 @@ def test_maintenance_stops_writes_within_a_second_and_resumes(sandbox):
 
 def test_formation_scale_to_zero_stops_workers(sandbox):
     app = sandbox.app()
-    app.scale({"worker": 0}, timeout=10)
+    assert app.scale({"worker": 0}, timeout=10) == {"worker": 1}
     assert app.running()["worker"] == 0
     t0 = time.time()
     time.sleep(0.5)
@@ -158,6 +158,24 @@ def test_bad_options_give_clear_errors(tmp_root):
     (tmp_root / "bad.json").write_text('{"schema_version": 1}')
     res = run_invoke("status", "--stack", str(tmp_root / "bad.json"))
     assert res.returncode == 2 and "source: Field required" in res.stderr
+
+
+def test_chinook_dataset_is_loaded_into_the_source(tmp_root):
+    from runbook.sandbox import Sandbox
+
+    sb = Sandbox(tmp_root / "chinook")
+    try:
+        sb.up(replicas=2, dataset="chinook", start_app=False)
+        with psycopg.connect(sb.source_url(sb.state(), resolve(f"file:{sb.secrets_file}#app_password")),
+                             autocommit=True) as conn:
+            counts = dict(conn.execute("SELECT 'track', count(*) FROM track UNION ALL "
+                                       "SELECT 'invoice_line', count(*) FROM invoice_line UNION ALL "
+                                       "SELECT 'orders', count(*) FROM orders").fetchall())
+            owner = conn.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'track'").fetchone()[0]
+        assert counts["track"] == 3503 and counts["invoice_line"] == 2240 and counts["orders"] > 0
+        assert owner == "app"   # loaded as the app's role, as on Heroku
+    finally:
+        sb.down(check_ledger=False)
 
 
 def test_down_on_nothing_is_fine(tmp_root):

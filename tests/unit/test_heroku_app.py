@@ -53,9 +53,10 @@ def test_maintenance_and_formation(stub):
     assert app.maintenance() is True and stub.state.maintenance is True
     before = app.formation()
     assert before == {"web": 2, "worker": 3}
-    app.scale({"worker": 0}, timeout=5)
+    previous = app.scale({"worker": 0}, timeout=5)
+    assert previous == {"worker": 3}
     assert app.running() == {"web": 2}
-    app.scale({"worker": before["worker"]}, timeout=5)
+    app.scale(previous, timeout=5)
     assert app.running() == {"web": 2, "worker": 3}
     patch = [r for r in stub.state.requests if r[0] == "PATCH" and r[1].endswith("/formation")][0]
     assert patch[2] == {"updates": [{"type": "worker", "quantity": 0}]}
