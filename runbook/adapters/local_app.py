@@ -143,13 +143,21 @@ class LocalApp(AppControl):
         return previous
 
     def _wait_formation(self, formation: Mapping[str, int], timeout: float) -> None:
+        """Until exactly the formation runs: extra processes gone, wanted ones up (bounded)."""
         deadline = time.monotonic() + timeout
         termed = False
         while True:
             pids = self.pids()
             extra = {n: p for n, p in pids.items() if int(n.split(".")[1]) > formation.get(n.split(".")[0], 0)}
-            if not extra:
+            missing = [f"{t}.{i}" for t in PROCESS_TYPES for i in range(1, formation.get(t, 0) + 1)
+                       if f"{t}.{i}" not in pids]
+            if not extra and not missing:
                 return
+            if not extra:
+                if time.monotonic() > deadline:
+                    raise TimeoutExpired(f"app processes did not start: {', '.join(missing)}")
+                time.sleep(0.02)
+                continue
             if time.monotonic() > deadline:
                 if termed:
                     for pid in extra.values():

@@ -397,14 +397,6 @@ def verify_promoted(ctx: Context) -> None:
         conn.execute("SELECT txid_current()")
 
 
-def promoted(ctx: Context) -> bool:
-    try:
-        verify_promoted(ctx)
-        return True
-    except RunbookError:
-        return False
-
-
 # -- 9. repoint --------------------------------------------------------------------------
 def repoint(ctx: Context) -> dict[str, Any]:
     leader_name = ctx.data["candidate"]
@@ -436,7 +428,8 @@ def repoint_one(ctx: Context, name: str, leader, lpg, password: str) -> str:
     write_passfile(ctx, pg, passfile, f"{leader.host}:{leader.port}:*:{REPLICATION_ROLE}:", password)
     conninfo = (f"host={leader.host} port={leader.port} user={REPLICATION_ROLE} passfile={passfile} "
                 f"application_name={name}")
-    want = ctx.data["leader_timeline"]
+    want = ctx.data.get("leader_timeline") or lpg.query_one(
+        "SELECT timeline_id FROM pg_control_checkpoint()")["timeline_id"]
     if pg.has_data():
         if not pg.is_running():
             pg.start(timeout=60)
@@ -549,8 +542,8 @@ def plan() -> list[Step]:
              revert=reattach_others),
         Step("flush", "flush the last WAL segment and wait for the candidate", flush, check=flush_done),
         Step("verify", "verify frozen source against the candidate", verify),
-        Step("promote", "promote the candidate", promote, check=promoted, verify=verify_promoted,
-             point_of_no_return=True),
+        # no check: promote's act is idempotent and must always record the new leader's context
+        Step("promote", "promote the candidate", promote, verify=verify_promoted, point_of_no_return=True),
         Step("switch", "switch DATABASE_URL to the new leader", switch, check=switched),
         Step("start_app", "start the web, then the workers", start_app, check=app_started),
         Step("smoke_test", "smoke test through the app", smoke_test),

@@ -251,3 +251,19 @@ def test_killed_at_an_arbitrary_moment_resumes_and_loses_nothing(env, delay):
     report = json.loads(second.stdout[second.stdout.index("{"):])
     assert report["outcome"] == "completed"
     assert_nothing_lost(env, report)
+
+
+def test_crash_inside_promote_resumes_with_the_leaders_context(env):
+    """The server was promoted but the run died before journaling it: the resumed run must still
+    record the new leader (a regression found by the arbitrary-kill test)."""
+    def promote_then_die(ctx):
+        ctx.journal.record("promote", "start")
+        ctx.pg(ctx.data["candidate"]).psql("SELECT pg_promote(true, 60)")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        env.failover(hooks={"before:promote": promote_then_die})
+    report = env.failover()
+    assert report["outcome"] == "completed" and report["new_leader"]
+    assert not report["repoint_failures"]
+    assert_nothing_lost(env, report)

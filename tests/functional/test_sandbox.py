@@ -161,8 +161,14 @@ def test_bad_options_give_clear_errors(tmp_root):
 
 
 def test_chinook_dataset_is_loaded_into_the_source(tmp_root):
+    from runbook.errors import ConfigError
     from runbook.sandbox import Sandbox
+    from runbook.sandbox.build import _chinook_sql
 
+    try:
+        _chinook_sql()
+    except ConfigError as exc:
+        pytest.skip(str(exc))   # shared/ is not beside this checkout
     sb = Sandbox(tmp_root / "chinook")
     try:
         sb.up(replicas=2, dataset="chinook", start_app=False)
