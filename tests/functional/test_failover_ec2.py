@@ -258,8 +258,8 @@ def test_crash_inside_promote_resumes_with_the_leaders_context(env):
     record the new leader (a regression found by the arbitrary-kill test)."""
     def promote_then_die(ctx):
         ctx.journal.record("promote", "start")
-        ctx.pg(ctx.data["candidate"]).psql("SELECT pg_promote(true, 60)")
-        raise KeyboardInterrupt
+        ec2.promote(ctx)          # the whole act ran ...
+        raise KeyboardInterrupt   # ... and the process died before journaling it
 
     with pytest.raises(KeyboardInterrupt):
         env.failover(hooks={"before:promote": promote_then_die})
