@@ -72,10 +72,6 @@ def lsn_to_int(lsn: str | None) -> int | None:
     return (int(hi, 16) << 32) + int(lo, 16)
 
 
-def int_to_lsn(pos: int) -> str:
-    return f"{pos >> 32:X}/{pos & 0xFFFFFFFF:X}"
-
-
 def bindir(configured: str | None = None) -> Path:
     """The PostgreSQL server binaries: a configured path, TERN_PG_BINDIR, pg_config, or Debian's layout."""
     candidates: list[str] = []
@@ -100,9 +96,12 @@ def bindir(configured: str | None = None) -> Path:
 def server_major(bin_dir: Path) -> int:
     out = subprocess.run([str(Path(bin_dir) / "postgres"), "--version"], capture_output=True, text=True,
                          check=True, timeout=10).stdout
-    # "postgres (PostgreSQL) 15.18 (Debian ...)"
-    version = out.split(")")[1].strip().split()[0]
-    return int(version.split(".")[0])
+    return parse_major(out)
+
+
+def parse_major(version_output: str) -> int:
+    """The major version from ``postgres --version``: "postgres (PostgreSQL) 15.18 (Debian ...)" -> 15."""
+    return int(version_output.split(")")[1].strip().split()[0].split(".")[0])
 
 
 def with_endpoint(url: str, host: str, port: int) -> str:

@@ -17,7 +17,7 @@ from . import archive as archive_mod
 from .adapters import app_for, host_for
 from .contract import Outputs, Replica
 from .errors import PreflightError, RunbookError
-from .pg import connect
+from .pg import connect, parse_major
 from .postgres import PgHost, literal
 from .status import replica_host, source_url
 
@@ -84,8 +84,7 @@ def restore_replica(outputs: Outputs, replica: Replica, *, timeout: float, ident
         return "restored earlier; started"
     host = pg.host
     backup = archive_mod.find_base_backup(outputs.source.archive, host)
-    server_major = int(host.run([f"{replica.bin_dir}/postgres", "--version"], timeout=30).stdout
-                       .split(")")[1].split()[0].split(".")[0])
+    server_major = parse_major(host.run([f"{replica.bin_dir}/postgres", "--version"], timeout=30).stdout)
     if backup.pg_major != outputs.source.pg_major or server_major != backup.pg_major:
         raise PreflightError(f"{replica.name}: PostgreSQL major versions differ: source {outputs.source.pg_major}, "
                              f"base backup {backup.pg_major}, replica server {server_major}")

@@ -8,7 +8,7 @@ variables, or task flags, in invoke's usual order. Domain code receives a
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,13 +46,12 @@ class Settings:
     # archive_timeout: wait for the source to archive it on its own (the naive baseline)
     flush_mode: str = "fill"
 
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> "Settings":
         """Build settings from invoke's ``tern`` section, rejecting unknown keys."""
         values = dict(values or {})
-        known = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+        known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, raw in values.items():
             if key not in known:

@@ -39,9 +39,12 @@ def replica_host(replica: Replica) -> PgHost:
                   socket_dir=replica.socket_dir, port=replica.port, database=replica.database)
 
 
+# a primary's timeline, readable by an ordinary role (pg_control_checkpoint() is not, on Heroku)
+TIMELINE_SQL = "('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int"
+
 SOURCE_SQL = ("SELECT pg_is_in_recovery() AS in_recovery, pg_current_wal_lsn()::text AS lsn, "
               "pg_current_wal_insert_lsn()::text AS insert_lsn, "
-              "('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int AS timeline, "
+              f"{TIMELINE_SQL} AS timeline, "
               "current_setting('default_transaction_read_only') = 'on' AS fenced")
 
 REPLICA_SQL = """
@@ -78,7 +81,7 @@ def source_url(app: AppControl, outputs: Outputs) -> str:
     return saved or app.config_var(outputs.source.database_url_var) or ""
 
 
-def replica_status(replica: Replica, source_lsn: int | None, source_running: bool) -> dict[str, Any]:
+def replica_status(replica: Replica, source_lsn: int | None) -> dict[str, Any]:
     pg = replica_host(replica)
     entry: dict[str, Any] = {"name": replica.name, "kind": "ec2", "availability_zone": replica.availability_zone,
                              "role": None, "timeline": None, "lsn": None, "receive_lsn": None, "lag_bytes": None,
@@ -131,7 +134,7 @@ def gather(outputs: Outputs, *, timeout: float = 5.0) -> dict[str, Any]:
     app = app_for(outputs.app)
     src = source_status(app, outputs, timeout)
     source_lsn = lsn_to_int(src.get("lsn"))
-    nodes = [src] + [replica_status(r, source_lsn, src["role"] == "primary") for r in outputs.replicas]
+    nodes = [src] + [replica_status(r, source_lsn) for r in outputs.replicas]
     nodes.append(aurora_status(outputs, timeout))
     url = app.config_var(outputs.source.database_url_var)
     app_info = {"name": outputs.app.name, "maintenance": app.maintenance(), "formation": app.formation(),

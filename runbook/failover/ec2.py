@@ -40,7 +40,7 @@ from ..errors import DatabaseError, PreflightError, RunbookError, StepError, Tim
 from ..pg import connect, lsn_to_int, scram_verifier, url_endpoint, url_user
 from ..postgres import literal
 from ..secrets import resolve
-from ..status import replica_status
+from ..status import TIMELINE_SQL, replica_status
 from ..steps import Step
 from ..verify import gate
 from .context import Context
@@ -53,7 +53,7 @@ REPLICATION_ROLE = "tern_replicator"
 def replica_health(ctx: Context) -> tuple[int, dict[str, dict[str, Any]]]:
     with ctx.source("preflight") as conn:
         source_lsn = lsn_to_int(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
-    return source_lsn, {r.name: replica_status(r, source_lsn, True) for r in ctx.outputs.replicas}
+    return source_lsn, {r.name: replica_status(r, source_lsn) for r in ctx.outputs.replicas}
 
 
 def healthy(status: dict[str, Any], max_lag: int) -> str | None:
@@ -83,8 +83,7 @@ def preflight(ctx: Context) -> dict[str, Any]:
         candidate = max(ready, key=lambda n: lsn_to_int(statuses[n]["lsn"]) or 0)
     collation = check_collation(ctx, candidate)
     with ctx.source("preflight") as conn:
-        timeline = conn.execute("SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int"
-                                ).fetchone()[0]
+        timeline = conn.execute(f"SELECT {TIMELINE_SQL}").fetchone()[0]
     host, port = ctx.source_endpoint()
     return {"candidate": candidate, "others": [n for n in statuses if n != candidate],
             "source_timeline": timeline, "source_endpoint": f"{host}:{port}",

@@ -213,8 +213,11 @@ class Table:
                 .as_string(None)
         key = [sql.SQL("t.{}::text").format(sql.Identifier(c)) if c in self.text_hashed
                else sql.SQL("t.{}").format(sql.Identifier(c)) for c in self.pk]
-        self.key_hash_expr = sql.SQL("hash_record_extended(ROW({}), 0)").format(sql.SQL(", ").join(key)) \
-            .as_string(None) if self.pk else ""
+        self._key_row = sql.SQL(", ").join(key).as_string(None) if self.pk else ""
+
+    def key_hash(self, seed: int) -> str:
+        """A hash of the primary key (text for OID-dependent types); seeds give independent buckets."""
+        return f"hash_record_extended(ROW({self._key_row}), {int(seed)})" if self.pk else ""
 
     @property
     def ident(self) -> sql.Composable:
@@ -224,10 +227,6 @@ class Table:
     @property
     def pk_cols(self) -> sql.Composable:
         return sql.SQL(", ").join(sql.Identifier(c) for c in self.pk)
-
-    @property
-    def pk_row(self) -> sql.Composable:
-        return sql.SQL("ROW({})").format(self.pk_cols) if len(self.pk) > 1 else sql.Identifier(self.pk[0])
 
 
 @dataclass
@@ -474,7 +473,7 @@ def _scans(t: Table, conn, chunk_rows: int) -> list[Scan]:
                     where, params = sql.SQL("{} < %s").format(lead), [lo + (last + 1) * width]
                 scans.append(Scan(where, params, bucket, n, t.pk[0], lo, width))
             return scans
-    bucket = sql.SQL("(({k}) & 9223372036854775807) %% {n}").format(k=sql.SQL(t.key_hash_expr), n=sql.Literal(n))
+    bucket = sql.SQL("(({k}) & 9223372036854775807) %% {n}").format(k=sql.SQL(t.key_hash(0)), n=sql.Literal(n))
     return [Scan(sql.SQL("true"), [], bucket, n)]
 
 
@@ -533,7 +532,7 @@ def _scan(t: Table, r: TableReport, scan: Scan, s_conn, d_conn, other_side, lock
     biggest = max(max(s_map.get(b, (0, 0))[0], d_map.get(b, (0, 0))[0]) for b in differing)
     subs = max(1, -(-biggest // LEAF_ROWS))
     sub = sql.SQL("((({k}) & 9223372036854775807) %% {n})").format(
-        k=sql.SQL(t.key_hash_expr.replace(", 0)", ", 1)")), n=sql.Literal(subs)) if subs > 1 else sql.SQL("0")
+        k=sql.SQL(t.key_hash(1)), n=sql.Literal(subs)) if subs > 1 else sql.SQL("0")
     in_chunks, in_params = scan.bucket_where(differing)
     where = sql.SQL("{} AND {} AND {} = ANY(%s)").format(scan.where, in_chunks, scan.bucket)
     params = scan.params + in_params + [differing]

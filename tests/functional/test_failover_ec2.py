@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from runbook.contract import load
-from runbook.errors import ContractError, PreflightError, StepError
+from runbook.errors import ContractError, StepError
 from runbook.failover import ec2
 from runbook.failover.run import failover_ec2
 from runbook.journal import Journal
