@@ -3,7 +3,8 @@
 * Each side is read in one snapshot: a coordinator connection opens a REPEATABLE READ,
   READ ONLY transaction and exports its snapshot; every worker connection imports it.
 * ``full``: per table (or slice of a large table), one grouped scan per side - both sides at
-  once - gives every chunk's ``count(*)`` and ``sum(hash_record_extended(ROW(columns), 0))``.
+  once - gives every chunk's ``count(*)`` and the sum of its rows' hashes (``hashing.py``: exact
+  where equality is looser than identity, and mixed non-linearly so differences never cancel).
   Chunks are equal ranges of an integer leading key, else buckets of a hash of the key. A chunk
   that differs is split into sub-buckets by a second hash of the key (one more scan of just
   those chunks), and the rows of the differing sub-buckets are compared one by one: each is
@@ -30,6 +31,7 @@ from ..errors import ConfigError, RunbookError
 from ..pg import connect
 from ..redact import redact
 from . import schema as schema_mod
+from .hashing import SESSION_OPTIONS, TEXT_ROW_HASH, column_expression, hashed_as_text, load_types, row_hash
 
 MODES = ("schema", "counts", "sample", "full")
 LEAF_ROWS = 2000          # differing chunks are split into sub-buckets of about this many rows
@@ -39,9 +41,8 @@ MAX_SAMPLE_KEYS = 20000
 
 Progress = Callable[[str, int, int], None]
 
-# JIT compilation costs more than it saves on checksum scans; the chunk aggregates are tiny,
-# but the planner cannot know it and would plan a spilling hash aggregate without memory
-SESSION_OPTIONS = "-c jit=off -c work_mem=64MB"
+# SESSION_OPTIONS (hashing.py): JIT costs more than it saves on checksum scans; work_mem, since
+# the planner cannot know the chunk aggregates are tiny; text output settings pinned on both sides
 
 
 @dataclass
@@ -174,13 +175,12 @@ SELECT n.nspname || '.' || c.relname,
                  WHERE i.indrelid = c.oid AND i.indisprimary), '') AS pk_type,
        (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a
         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS columns,
-       (SELECT coalesce(array_agg(a.attname::text ORDER BY a.attnum), '{}') FROM pg_attribute a
-        JOIN pg_type ty ON ty.oid = a.atttypid
-        JOIN pg_type bt ON bt.oid = CASE WHEN ty.typtype = 'd' THEN ty.typbasetype ELSE ty.oid END
-        LEFT JOIN pg_type et ON et.oid = bt.typelem AND bt.typcategory = 'A'
-        WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-          AND (bt.typtype = 'e' OR et.typtype = 'e' OR bt.typname LIKE 'reg%%' OR et.typname LIKE 'reg%%'
-               OR bt.typtype = 'c' OR et.typtype = 'c')) AS text_hashed
+       (SELECT array_agg(a.atttypid::bigint ORDER BY a.attnum) FROM pg_attribute a
+        WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS types,
+       (SELECT array_agg(coalesce(co.collisdeterministic, true) ORDER BY a.attnum) FROM pg_attribute a
+        LEFT JOIN pg_collation co ON co.oid = a.attcollation
+        WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS deterministic,
+       c.relpersistence
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
   AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%'
@@ -201,18 +201,14 @@ class Table:
     pk_type: str
     columns: list[str]
     text_hashed: list[str] = field(default_factory=list)
-    hash_expr: str = "hash_record_extended(t.*, 0)"
+    persistence: str = "p"
+    hash_expr: str = ""
 
     def __post_init__(self) -> None:
-        # hash an explicit ROW(...) of the columns: cheaper than the whole-row reference t.*,
-        # and enum (and reg*, composite) values hash by OID, which differs between clusters: their text
-        parts = [sql.SQL("t.{}::text").format(sql.Identifier(c)) if c in self.text_hashed
-                 else sql.SQL("t.{}").format(sql.Identifier(c)) for c in self.columns]
-        if parts:
-            self.hash_expr = sql.SQL("hash_record_extended(ROW({}), 0)").format(sql.SQL(", ").join(parts)) \
-                .as_string(None)
-        key = [sql.SQL("t.{}::text").format(sql.Identifier(c)) if c in self.text_hashed
-               else sql.SQL("t.{}").format(sql.Identifier(c)) for c in self.pk]
+        # see hashing.py: exact (text) where equality is looser than identity or depends on
+        # OIDs, and each row's record hash mixed non-linearly before it is summed
+        self.hash_expr = row_hash(self.columns, set(self.text_hashed)) if self.columns else TEXT_ROW_HASH
+        key = [column_expression(c, c in self.text_hashed) for c in self.pk]
         self._key_row = sql.SQL(", ").join(key).as_string(None) if self.pk else ""
 
     def key_hash(self, seed: int) -> str:
@@ -308,8 +304,14 @@ def verify(source_url: str, target_url: str, *, mode: str = "full", tables: list
 
 
 def _tables(conn) -> dict[str, Table]:
-    return {r[0]: Table(r[0], list(r[1]), r[2], list(r[3] or []), list(r[4] or []))
-            for r in conn.execute(TABLES_SQL).fetchall()}
+    types = load_types(conn)
+    out = {}
+    for name, pk, pk_type, columns, type_oids, deterministic, persistence in conn.execute(TABLES_SQL).fetchall():
+        columns = list(columns or [])
+        text = [c for c, oid, det in zip(columns, type_oids or [], deterministic or [])
+                if hashed_as_text(oid, types, det)]
+        out[name] = Table(name, list(pk), pk_type, columns, text, persistence)
+    return out
 
 
 def _select(tables: list[str] | None, s_tables: dict, d_tables: dict) -> list[str]:
@@ -504,7 +506,7 @@ def _with_fallback_hash(t: Table, s_conn, d_conn, other_side, make_query):
     except psycopg.errors.UndefinedFunction:
         for c in (s_conn, d_conn):
             c.execute("ROLLBACK TO SAVEPOINT tern_hash")
-        t.hash_expr = "hashtextextended(t::text, 0)"
+        t.hash_expr = TEXT_ROW_HASH
         q, p = make_query()
         return _both(other_side, s_conn, d_conn, q, p)
 

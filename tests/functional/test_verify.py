@@ -42,6 +42,10 @@ INSERT INTO odd SELECT g, json_build_object('g', g), point(g, g) FROM generate_s
 CREATE SEQUENCE free_seq;
 SELECT setval('free_seq', 500);
 CREATE VIEW v_items AS SELECT id, name FROM items;
+CREATE TABLE flags (id int PRIMARY KEY, on_off bool, label text);
+INSERT INTO flags SELECT g, g % 2 = 0, 'l' || g FROM generate_series(1, 1500) g;
+CREATE TABLE exact (id int PRIMARY KEY, n numeric, i interval, f float8, na numeric[], r numrange);
+INSERT INTO exact SELECT g, 1.0, interval '1 day', 0.0, '{1.0}', numrange(1.0, 2.0) FROM generate_series(1, 100) g;
 """
 
 
@@ -204,3 +208,55 @@ def test_many_scans_and_hash_buckets_still_localize(fresh):
     assert kinds == ["changed", "changed", "extra"]
     assert all(r.columns == ["v"] for r in uu.rows if r.kind == "changed")
     assert items.source_rows == 24000 and items.target_rows == 23999
+
+
+def _same_chunk_and_sub_bucket(pair, n: int = 2) -> list[int]:
+    """Ids of ``items`` in one chunk (chunk_rows 10000: ids 1..8000) and in one sub-bucket."""
+    with psycopg.connect(pair.url("source")) as conn:
+        rows = conn.execute("SELECT id, (hash_record_extended(ROW(id), 1) & 9223372036854775807) % 4 "
+                            "FROM items WHERE id BETWEEN 101 AND 8000 AND id % 10 <> 0 ORDER BY id").fetchall()
+    first = rows[0][1]
+    return [i for i, b in rows if b == first][:n]
+
+
+def test_differences_that_cancel_in_a_linear_sum_are_found(fresh):
+    """A value moved between two rows, and two opposite flips, in one chunk and in one sub-bucket:
+    a sum of linear record hashes cancels (it reported EQUAL); the rows must be named."""
+    a, b = _same_chunk_and_sub_bucket(fresh)
+    # swap two names (one chunk of ~8,000 rows split into 4 sub-buckets: both rows in the same one)
+    fresh.on_target(f"UPDATE items SET name = CASE id WHEN {a} THEN 'item {b}' ELSE 'item {a}' END "
+                    f"WHERE id IN ({a}, {b})")
+    # move a value from a row to a row that had NULL there
+    fresh.on_target("UPDATE items SET name = NULL WHERE id = 201; UPDATE items SET name = 'item 201' WHERE id = 200")
+    # two opposite boolean flips in a table of one chunk and one sub-bucket
+    fresh.on_target("UPDATE flags SET on_off = NOT on_off WHERE id IN (7, 8)")
+    report = fresh.run(chunk_rows=10000)
+    assert not report.ok
+    items = rows_of(report, "public.items")
+    assert sorted((r.kind, r.key["id"], tuple(r.columns)) for r in items.rows) == sorted(
+        [("changed", a, ("name",)), ("changed", b, ("name",)), ("changed", 200, ("name",)),
+         ("changed", 201, ("name",))])
+    flags = rows_of(report, "public.flags")
+    assert sorted((r.key["id"], tuple(r.columns)) for r in flags.rows) == [(7, ("on_off",)), (8, ("on_off",))]
+
+
+def test_no_primary_key_swap_is_found(fresh):
+    fresh.on_target("UPDATE nopk SET y = CASE x WHEN 3 THEN 'y4' ELSE 'y3' END WHERE x IN (3, 4)")
+    report = fresh.run()
+    assert not rows_of(report, "public.nopk").ok
+
+
+@pytest.mark.parametrize("statement, column", [
+    ("UPDATE exact SET n = 1.00 WHERE id = 5", "n"),
+    ("UPDATE exact SET i = interval '24 hours' WHERE id = 6", "i"),
+    ("UPDATE exact SET f = '-0'::float8 WHERE id = 7", "f"),
+    ("UPDATE exact SET na = '{1.00}' WHERE id = 8", "na"),
+    ("UPDATE exact SET r = numrange(1.00, 2.0) WHERE id = 9", "r"),
+])
+def test_equal_but_not_identical_values_differ(fresh, statement, column):
+    """Values that compare (and hash) equal but are not the same value after a logical copy."""
+    fresh.on_target(statement)
+    for mode in ("full", "sample"):
+        report = fresh.run(mode=mode, sample_percent=100)
+        exact = rows_of(report, "public.exact")
+        assert [(r.kind, r.columns) for r in exact.rows] == [("changed", [column])], (mode, exact.lines())
