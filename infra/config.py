@@ -7,6 +7,7 @@ are testable with any configuration (the tests load ``Pulumi.dev.yaml`` and
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -38,6 +39,10 @@ class StackConfig:
     protect: bool
     backup_retention_days: int = 7
     ami_id: str | None = None
+    # the replica the DMS source endpoint reads from (a replica name, ``ec2-a`` ...; default the first).
+    # After a failover the runbook repoints the endpoint itself; set this to the new leader so the
+    # next ``pulumi up`` agrees with it instead of pointing DMS back at the old one.
+    dms_source_replica: str | None = None
     replication_password: Any = None           # a config secret (pulumi.Output) - never exported
     tags: dict[str, str] = field(default_factory=dict)
 
@@ -61,8 +66,6 @@ def from_mapping(values: Mapping[str, Any], *, replication_password: Any = None)
 
     subnets = need("private_subnets")
     if isinstance(subnets, str):
-        import json
-
         subnets = json.loads(subnets)
     cfg = StackConfig(
         region=need("region"), vpc_id=need("vpc_id"), private_subnets=dict(subnets),
@@ -76,6 +79,7 @@ def from_mapping(values: Mapping[str, Any], *, replication_password: Any = None)
         dms_ca_certificate_arn=need("dms_ca_certificate_arn"), heroku_app=need("heroku_app"),
         database=need("database"), rehearsal=_bool(need("rehearsal")), protect=_bool(need("protect")),
         backup_retention_days=int(v.get("backup_retention_days", 7)), ami_id=v.get("ami_id") or None,
+        dms_source_replica=v.get("dms_source_replica") or None,
         replication_password=replication_password, tags=dict(v.get("tags") or {}),
     )
     if len(cfg.private_subnets) < 2:
@@ -94,10 +98,38 @@ def _list(v: Any) -> list[str]:
     if v is None or v == "":
         return []
     if isinstance(v, str):
-        import json
-
         return json.loads(v) if v.startswith("[") else [x.strip() for x in v.split(",") if x.strip()]
     return list(v)
+
+
+# How each key is stored by the Pulumi CLI, which hands the program every value as text
+# (``PULUMI_CONFIG``): strings as they are, numbers and booleans as their text, and only
+# objects and lists as JSON. Each key is read with the accessor its type needs.
+KEY_TYPES: dict[str, str] = {
+    "region": "str", "vpc_id": "str", "private_subnets": "object", "app_source_security_groups": "list",
+    "app_source_cidrs": "list", "replica_count": "int", "instance_type": "str", "ebs_size_gb": "int",
+    "ebs_iops": "int", "pg_major": "int", "wal_archive_bucket": "str", "wal_archive_prefix": "str",
+    "aurora_engine_version": "str", "aurora_instance_class": "str", "aurora_instance_count": "int",
+    "dms_instance_class": "str", "dms_ca_certificate_arn": "str", "dms_source_replica": "str",
+    "heroku_app": "str", "database": "str", "rehearsal": "bool", "protect": "bool",
+    "backup_retention_days": "int", "ami_id": "str", "tags": "object",
+}
+OPTIONAL_KEYS = ("ami_id", "tags", "dms_source_replica", "backup_retention_days")
+
+
+def _read(c: Any, key: str, kind: str) -> Any:
+    if kind == "int":
+        return c.get_int(key)
+    if kind == "bool":
+        return c.get_bool(key)
+    if kind == "object":
+        return c.get_object(key)
+    if kind == "list":
+        # JSON (what the CLI passes for a YAML list) or a comma-separated string
+        # (``pulumi config set tern:app_source_cidrs 10.0.0.0/16``): from_mapping takes both
+        raw = c.get(key)
+        return None if raw is None else (json.loads(raw) if raw.lstrip().startswith("[") else raw)
+    return c.get(key)
 
 
 def load() -> StackConfig:
@@ -105,14 +137,9 @@ def load() -> StackConfig:
     import pulumi
 
     c = pulumi.Config(NAMESPACE)
-    keys = ["region", "vpc_id", "private_subnets", "app_source_security_groups", "app_source_cidrs",
-            "replica_count", "instance_type", "ebs_size_gb", "ebs_iops", "pg_major", "wal_archive_bucket",
-            "wal_archive_prefix", "aurora_engine_version", "aurora_instance_class", "aurora_instance_count",
-            "dms_instance_class", "dms_ca_certificate_arn", "heroku_app", "database", "rehearsal", "protect",
-            "backup_retention_days", "ami_id", "tags"]
     values: dict[str, Any] = {}
-    for k in keys:
-        obj = c.get_object(k)
-        if obj is not None:
-            values[k] = obj
+    for key, kind in KEY_TYPES.items():
+        value = _read(c, key, kind)
+        if value is not None:
+            values[key] = value
     return from_mapping(values, replication_password=c.require_secret("replication_password"))

@@ -1,4 +1,23 @@
-"""AWS DMS: the EC2 leader to the Aurora writer, full load and CDC, TLS verify-full, validation on."""
+"""AWS DMS: the EC2 leader to the Aurora writer, full load and CDC, TLS, validation on.
+
+TLS: the target (Aurora) is ``verify-full`` against the RDS CA bundle; the source (an EC2
+replica with a certificate self-signed at boot, see ``replicas.py``) is ``require``:
+encrypted, but DMS cannot verify a certificate no CA it trusts has signed.
+
+The source follows the leader. ``source_host`` is the replica chosen by stack config
+(``tern:dms_source_replica``, default the first; nothing is fixed to replica 0). The
+endpoints authenticate through Secrets Manager, and then DMS takes host and port *from the
+secret* (AWS: secret or ServerName/Port, not both; the provider sends no ServerName), so the
+stack writes the chosen replica's address into the source secret (``host``, ``port``) and
+keeps ``server_name`` equal to it for the reader and the diff. After hop 1 promotes another
+replica, the runbook's DMS adapter repoints the source before the task (re)starts: task
+stopped, ``secretsmanager.put_secret_value`` on the replication secret (its ARN is in the
+outputs' ``credentials.replication_password`` reference) with the new leader's ``host``,
+username and password kept; then ``dms.test_connection`` (outputs ``dms.replication_instance_arn``
+and ``dms.source_endpoint_arn``) before resuming. The operator then sets
+``tern:dms_source_replica`` to the new leader so a later ``pulumi up`` does not point DMS
+back at the old one.
+"""
 
 from __future__ import annotations
 
@@ -31,7 +50,7 @@ class DmsArgs:
     target_host: pulumi.Input[str]
     database: str
     certificate_arn: str
-    source_secret_arn: pulumi.Input[str]
+    source_secret_arn: pulumi.Input[str]            # a secret holding username, password, host, port
     target_secret_arn: pulumi.Input[str]
     schemas: list[str] = field(default_factory=lambda: ["public"])
     production: bool = False
@@ -62,17 +81,19 @@ class Dms(pulumi.ComponentResource):
             publicly_accessible=False, multi_az=args.production,
             replication_subnet_group_id=self.subnet_group.id, vpc_security_group_ids=[args.security_group_id],
             tags=args.tags, opts=child)
-        common = dict(engine_name="postgres", port=5432, database_name=args.database, ssl_mode="verify-full",
-                      certificate_arn=args.certificate_arn, secrets_manager_access_role_arn=self.secrets_role.arn)
+        common = dict(port=5432, database_name=args.database,
+                      secrets_manager_access_role_arn=self.secrets_role.arn)
+        # the source moves with the leader (see the module docstring): a self-signed certificate, so `require`
         self.source = aws.dms.Endpoint(
-            f"{name}-source", endpoint_id=f"{name}-source", endpoint_type="source", server_name=args.source_host,
-            secrets_manager_arn=args.source_secret_arn, tags=args.tags,
+            f"{name}-source", endpoint_id=f"{name}-source", endpoint_type="source", engine_name="postgres",
+            server_name=args.source_host, ssl_mode="require", secrets_manager_arn=args.source_secret_arn,
+            tags=args.tags,
             postgres_settings=aws.dms.EndpointPostgresSettingsArgs(plugin_name="pglogical", heartbeat_enable=True),
             opts=child, **common)
-        target = dict(common, engine_name="aurora-postgresql")
         self.target = aws.dms.Endpoint(
-            f"{name}-target", endpoint_id=f"{name}-target", endpoint_type="target", server_name=args.target_host,
-            secrets_manager_arn=args.target_secret_arn, tags=args.tags, opts=child, **target)
+            f"{name}-target", endpoint_id=f"{name}-target", endpoint_type="target", engine_name="aurora-postgresql",
+            server_name=args.target_host, ssl_mode="verify-full", certificate_arn=args.certificate_arn,
+            secrets_manager_arn=args.target_secret_arn, tags=args.tags, opts=child, **common)
         mappings = {"rules": [
             {"rule-type": "selection", "rule-id": str(i + 1), "rule-name": f"schema-{s}",
              "object-locator": {"schema-name": s, "table-name": "%"}, "rule-action": "include"}

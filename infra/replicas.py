@@ -13,7 +13,7 @@ USER_DATA = """#!/bin/bash
 # tern replica bootstrap: PostgreSQL {pg_major} (PGDG) and WAL-G, stopped and empty until `invoke restore`.
 set -euo pipefail
 apt-get update -q
-apt-get install -y -q curl ca-certificates gnupg daemontools xfsprogs awscli python3
+apt-get install -y -q curl ca-certificates gnupg daemontools xfsprogs awscli python3 openssl
 install -d /usr/share/postgresql-common/pgdg
 curl -fsSo /usr/share/postgresql-common/pgdg/apt.postgresql.org.asc https://www.postgresql.org/media/keys/ACCC4CF8.asc
 echo "deb [signed-by=/usr/share/postgresql-common/pgdg/apt.postgresql.org.asc] https://apt.postgresql.org/pub/repos/apt $(. /etc/os-release; echo $VERSION_CODENAME)-pgdg main" > /etc/apt/sources.list.d/pgdg.list
@@ -34,7 +34,56 @@ install -d -m 750 -o root -g postgres /etc/wal-g.env
 echo "s3://{bucket}/{prefix}" > /etc/wal-g.env/WALG_S3_PREFIX
 echo "{region}" > /etc/wal-g.env/AWS_REGION
 chmod 640 /etc/wal-g.env/* && chgrp postgres /etc/wal-g.env/*
+# TLS only. The unix socket lives in a 0700 directory only the postgres user (and root) can enter,
+# so `local ... trust` admits nobody else; kept 0700 across reboots (the earliest tmpfiles.d name wins).
+echo "d /run/postgresql 0700 postgres postgres -" > /etc/tmpfiles.d/00-tern-postgresql.conf
+install -d -m 0700 -o postgres -g postgres {socket_dir} && chmod 0700 {socket_dir}
+# a self-signed certificate made on the host: clients use sslmode=require (DMS: ssl_mode require)
+install -d -m 0700 -o postgres -g postgres {conf_dir}
+[ -s {conf_dir}/server.key ] || openssl req -x509 -newkey rsa:3072 -nodes -days 3650 -sha256 \\
+  -subj "/CN=$(hostname -f)" -keyout {conf_dir}/server.key -out {conf_dir}/server.crt
+chown postgres:postgres {conf_dir}/server.key {conf_dir}/server.crt
+chmod 600 {conf_dir}/server.key && chmod 644 {conf_dir}/server.crt
+cat > {conf_dir}/pg_hba.conf <<'HBA'
+{pg_hba}HBA
+cat > {conf_dir}/tls.conf <<'CONF'
+{tls_conf}CONF
+chown postgres:postgres {conf_dir}/pg_hba.conf {conf_dir}/tls.conf
+chmod 600 {conf_dir}/pg_hba.conf {conf_dir}/tls.conf
 """
+
+SOCKET_DIR = "/var/run/postgresql"     # the outputs' replicas[].socket_dir
+CONF_DIR = "/etc/tern/postgresql"      # certificate, key, pg_hba.conf and tls.conf; 0700 postgres
+# The data directory is made at `invoke restore` (from Heroku's base backup), after this script has run:
+# the restore must start the server with these settings (hba_file, ssl, ssl_cert_file, ssl_key_file from
+# tls.conf) rather than its own pg_hba.conf, or they do not apply.
+
+# Every TCP entry is hostssl + scram-sha-256: a connection without TLS matches no line and is refused.
+PG_HBA = """# tern: TCP only over TLS with SCRAM; the unix socket's directory is 0700 (postgres only)
+local    all          all                trust
+local    replication  all                trust
+hostssl  all          all    0.0.0.0/0   scram-sha-256
+hostssl  replication  all    0.0.0.0/0   scram-sha-256
+hostssl  all          all    ::/0        scram-sha-256
+hostssl  replication  all    ::/0        scram-sha-256
+"""
+
+TLS_CONF = f"""# tern: the server settings that make the replica TLS only (with {CONF_DIR}/pg_hba.conf)
+ssl = on
+ssl_cert_file = '{CONF_DIR}/server.crt'
+ssl_key_file = '{CONF_DIR}/server.key'
+ssl_min_protocol_version = 'TLSv1.2'
+password_encryption = 'scram-sha-256'
+hba_file = '{CONF_DIR}/pg_hba.conf'
+unix_socket_directories = '{SOCKET_DIR}'
+unix_socket_permissions = 0700
+"""
+
+
+def render_user_data(*, pg_major: int, bucket: str, prefix: str, region: str) -> str:
+    """The instance's first-boot script (plain text; the launch template takes it base64-encoded)."""
+    return USER_DATA.format(pg_major=pg_major, bucket=bucket, prefix=prefix.strip("/"), region=region,
+                            socket_dir=SOCKET_DIR, conf_dir=CONF_DIR, pg_hba=PG_HBA, tls_conf=TLS_CONF)
 
 
 @dataclass
@@ -91,8 +140,8 @@ class Replicas(pulumi.ComponentResource):
                     "Statement": [{"Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"], "Resource": arn}],
                 })), opts=child)
         self.profile = aws.iam.InstanceProfile(f"{name}-profile", role=self.role.name, opts=child)
-        user_data = USER_DATA.format(pg_major=args.pg_major, bucket=args.wal_archive_bucket, prefix=prefix,
-                                     region=args.region)
+        self.user_data = render_user_data(pg_major=args.pg_major, bucket=args.wal_archive_bucket, prefix=prefix,
+                                          region=args.region)
         self.launch_template = aws.ec2.LaunchTemplate(
             f"{name}-lt",
             image_id=args.ami_id, instance_type=args.instance_type,
@@ -106,7 +155,7 @@ class Replicas(pulumi.ComponentResource):
                     volume_size=args.ebs_size_gb, volume_type="gp3", iops=args.ebs_iops, throughput=500,
                     encrypted="true", delete_on_termination="false")),
             ],
-            user_data=base64.b64encode(user_data.encode()).decode(),
+            user_data=base64.b64encode(self.user_data.encode()).decode(),
             tag_specifications=[aws.ec2.LaunchTemplateTagSpecificationArgs(resource_type="volume", tags=args.tags)],
             tags=args.tags, opts=child)
         self.instances: list[aws.ec2.Instance] = []

@@ -33,6 +33,7 @@ class Stack:
     heroku: HerokuApp
     replication_secret: aws.secretsmanager.Secret
     outputs: dict[str, Any]
+    replication_secret_version: aws.secretsmanager.SecretVersion | None = None
 
 
 def build(cfg: StackConfig, stack_name: str) -> Stack:
@@ -47,11 +48,6 @@ def build(cfg: StackConfig, stack_name: str) -> Stack:
     # the replication role's password: a config secret, stored in Secrets Manager, exported by reference only
     replication_secret = aws.secretsmanager.Secret("tern-replication", description="tern replication role",
                                                    recovery_window_in_days=0 if cfg.rehearsal else 7, tags=tags)
-    if cfg.replication_password is not None:
-        aws.secretsmanager.SecretVersion(
-            "tern-replication", secret_id=replication_secret.id,
-            secret_string=pulumi.Output.secret(cfg.replication_password).apply(
-                lambda pw: json.dumps({"username": "tern_replicator", "password": pw})))
     replicas = Replicas("tern-replicas", ReplicasArgs(
         count=cfg.replica_count, zones=cfg.zones, subnets=cfg.private_subnets, security_group_id=network.replicas.id,
         instance_type=cfg.instance_type, ebs_size_gb=cfg.ebs_size_gb, ebs_iops=cfg.ebs_iops, pg_major=cfg.pg_major,
@@ -63,14 +59,28 @@ def build(cfg: StackConfig, stack_name: str) -> Stack:
         instance_count=cfg.aurora_instance_count, zones=cfg.zones, subnet_ids=subnets,
         security_group_id=network.aurora.id, database=cfg.database, backup_retention_days=cfg.backup_retention_days,
         production=production, protect=cfg.protect, tags=tags))
-    leader = replicas.instances[0]
+    # DMS reads from the replica named by tern:dms_source_replica (default the first); the runbook repoints
+    # the endpoint after a failover (see infra/dms.py) - nothing here is fixed to replica 0
+    source_name = cfg.dms_source_replica or replicas.names[0]
+    if source_name not in replicas.names:
+        raise ValueError(f"tern:dms_source_replica is {source_name!r}; the replicas are {', '.join(replicas.names)}")
+    dms_source = replicas.instances[replicas.names.index(source_name)]
+    replication_secret_version = None
+    if cfg.replication_password is not None:
+        # username/password for the replicas' passfile; host/port for the DMS source endpoint (DMS takes them
+        # from the secret, not from the endpoint's server name)
+        replication_secret_version = aws.secretsmanager.SecretVersion(
+            "tern-replication", secret_id=replication_secret.id,
+            secret_string=pulumi.Output.all(pulumi.Output.secret(cfg.replication_password), dms_source.private_ip)
+            .apply(lambda v: json.dumps({"username": "tern_replicator", "password": v[0], "host": v[1],
+                                         "port": 5432})))
     dms = Dms("tern-dms", DmsArgs(
         instance_class=cfg.dms_instance_class, subnet_ids=subnets, security_group_id=network.dms.id,
-        source_host=leader.private_ip, target_host=aurora.cluster.endpoint, database=cfg.database,
+        source_host=dms_source.private_ip, target_host=aurora.cluster.endpoint, database=cfg.database,
         certificate_arn=cfg.dms_ca_certificate_arn, source_secret_arn=replication_secret.arn,
         target_secret_arn=aurora.master_secret_arn, production=production, protect=cfg.protect, tags=tags))
-    heroku_app = HerokuApp("tern-heroku", HerokuArgs(app_name=cfg.heroku_app, staged_vars={
-        "TERN_STAGED_EC2_LEADER": leader.private_ip, "TERN_STAGED_AURORA_WRITER": aurora.cluster.endpoint}))
+    # a read-only lookup: nothing in `pulumi up` touches the running app (a config-var change restarts every dyno)
+    heroku_app = HerokuApp("tern-heroku", HerokuArgs(app_name=cfg.heroku_app))
 
     data_dir = f"/var/lib/postgresql/{cfg.pg_major}/main"
     outputs: dict[str, Any] = {
@@ -97,4 +107,5 @@ def build(cfg: StackConfig, stack_name: str) -> Stack:
         "credentials": {"replication_password": replication_secret.arn.apply(
             lambda arn: f"aws-secretsmanager:{arn}#password")},
     }
-    return Stack(network, replicas, aurora, dms, heroku_app, replication_secret, outputs)
+    return Stack(network, replicas, aurora, dms, heroku_app, replication_secret, outputs,
+                 replication_secret_version=replication_secret_version)

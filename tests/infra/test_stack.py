@@ -49,22 +49,32 @@ class Mocks(pulumi.runtime.Mocks):
         return {}
 
 
-def stack_config(stack: str):
+def stack_config(stack: str, **overrides):
     from infra.config import from_mapping
 
     data = yaml.safe_load((ROOT / f"Pulumi.{stack}.yaml").read_text())["config"]
     values = {k: v for k, v in data.items() if k.startswith("tern:") and k != "tern:replication_password"}
+    values.update({f"tern:{k}": v for k, v in overrides.items()})
     return from_mapping(values, replication_password=pulumi.Output.secret(SECRET))
+
+
+def build_with_mocks(stack_name: str, **overrides):
+    mocks = Mocks()
+    pulumi.runtime.set_mocks(mocks, project="tern", stack=stack_name, preview=False)
+    from infra.stack import build
+
+    return build(stack_config(stack_name, **overrides), stack_name), mocks
 
 
 @pytest.fixture(params=["dev", "prod"])
 def built(request):
-    mocks = Mocks()
-    pulumi.runtime.set_mocks(mocks, project="tern", stack=request.param, preview=False)
-    from infra.stack import build
-
-    stack = build(stack_config(request.param), request.param)
+    stack, mocks = build_with_mocks(request.param)
     return request.param, stack, mocks
+
+
+def children(component: pulumi.Resource) -> list[pulumi.Resource]:
+    """The resources a component holds as attributes."""
+    return [v for v in vars(component).values() if isinstance(v, pulumi.Resource)]
 
 
 def all_registered(stack) -> pulumi.Output:
@@ -72,12 +82,18 @@ def all_registered(stack) -> pulumi.Output:
     resources = [stack.network.replicas, stack.network.aurora, stack.network.dms, stack.replicas.launch_template,
                  *stack.replicas.instances, stack.aurora.cluster, *stack.aurora.instances, stack.aurora.parameter_group,
                  stack.aurora.key, stack.dms.task, stack.dms.source, stack.dms.target, stack.dms.instance,
-                 stack.heroku.staged, stack.replication_secret]
-    return pulumi.Output.all(*[r.urn for r in resources])
+                 stack.replication_secret, getattr(stack, "replication_secret_version", None),
+                 *children(stack.heroku)]
+    return pulumi.Output.all(*[r.urn for r in resources if r is not None])
 
 
 def of_type(mocks, typ):
     return [(name, state) for t, name, state in mocks.resources if t == typ]
+
+
+def unsecret(value):
+    """A mock input's plain value (secrets reach the mocks wrapped in Pulumi's secret signature)."""
+    return value["value"] if isinstance(value, dict) and "value" in value and len(value) == 2 else value
 
 
 @pulumi.runtime.test
@@ -152,8 +168,12 @@ def test_dms_endpoints_and_task(built):
         endpoints = of_type(mocks, "aws:dms/endpoint:Endpoint")
         assert len(endpoints) == 2
         for name, ep in endpoints:
-            assert ep["sslMode"] == "verify-full", name
             assert ep.get("password") is None and ep["secretsManagerArn"], name
+        # the target (Aurora) is verified against the RDS CA; the source (EC2, self-signed) can only be `require`
+        target = dict(endpoints)["tern-dms-target"]
+        assert target["sslMode"] == "verify-full" and target["certificateArn"].startswith("arn:aws:dms:")
+        source = dict(endpoints)["tern-dms-source"]
+        assert source["sslMode"] == "require" and not source.get("certificateArn")
         (i_name, inst), = of_type(mocks, "aws:dms/replicationInstance:ReplicationInstance")
         assert inst["publiclyAccessible"] is False
         assert inst["multiAz"] is (stack_name == "prod")
@@ -208,15 +228,11 @@ def test_config_guards():
 
 
 def test_both_stack_files_set_every_key():
-    import inspect
+    from infra.config import KEY_TYPES, OPTIONAL_KEYS
 
-    import infra.config as cfgmod
-
-    keys = [k for k in inspect.getsource(cfgmod.load).split("keys = [")[1].split("]")[0].replace("\n", "")
-            .replace('"', "").replace(" ", "").split(",") if k]
     for stack in ("dev", "prod"):
         data = yaml.safe_load((ROOT / f"Pulumi.{stack}.yaml").read_text())["config"]
-        missing = [k for k in keys if f"tern:{k}" not in data and k not in ("ami_id", "tags")]
+        missing = [k for k in KEY_TYPES if f"tern:{k}" not in data and k not in OPTIONAL_KEYS]
         assert not missing, (stack, missing)
         assert "tern:replication_password" in data and "secure" in data["tern:replication_password"]
 
@@ -235,3 +251,161 @@ def test_replicas_may_read_only_the_replication_secret_and_the_archive(built):
         return True
 
     return pulumi.Output.all(all_registered(stack), stack.replicas.secret_read.urn).apply(check)
+
+
+# -- config as the real CLI passes it ---------------------------------------------------------
+
+def cli_config(stack: str) -> tuple[dict[str, str], list[str]]:
+    """``PULUMI_CONFIG`` and ``PULUMI_CONFIG_SECRET_KEYS`` as the CLI hands them to a Python program.
+
+    The CLI passes every value as text: strings as they are, numbers and booleans as their
+    text, objects and lists as JSON; ``secure:`` values arrive decrypted (here: ``SECRET``).
+    ``pulumi.runtime.config.get_config`` then reads the key from that JSON object.
+    """
+    data = yaml.safe_load((ROOT / f"Pulumi.{stack}.yaml").read_text())["config"]
+    config: dict[str, str] = {}
+    secret_keys: list[str] = []
+    for key, value in data.items():
+        if isinstance(value, dict) and set(value) == {"secure"}:
+            config[key] = SECRET
+            secret_keys.append(key)
+        elif isinstance(value, (dict, list)):
+            config[key] = json.dumps(value)
+        elif isinstance(value, bool):
+            config[key] = "true" if value else "false"
+        else:
+            config[key] = str(value)
+    return config, secret_keys
+
+
+@pytest.mark.parametrize("stack_name", ["dev", "prod"])
+@pulumi.runtime.test
+def test_load_reads_the_config_the_cli_passes(stack_name, monkeypatch):
+    from dataclasses import replace
+
+    from infra import config as cfgmod
+
+    pulumi.runtime.set_mocks(Mocks(), project="tern", stack=stack_name, preview=False)
+    config, secret_keys = cli_config(stack_name)
+    assert config["tern:region"] == "us-east-1" and config["tern:replica_count"].isdigit()
+    monkeypatch.setenv("PULUMI_CONFIG", json.dumps(config))
+    monkeypatch.setenv("PULUMI_CONFIG_SECRET_KEYS", json.dumps(secret_keys))
+    for key in config:
+        monkeypatch.delenv(pulumi.runtime.get_config_env_key(key), raising=False)
+    assert not any(k.startswith("tern:") for k in pulumi.runtime.config.CONFIG.get())
+
+    cfg = cfgmod.load()
+
+    data = yaml.safe_load((ROOT / f"Pulumi.{stack_name}.yaml").read_text())["config"]
+    assert cfg.region == data["tern:region"] and cfg.vpc_id == data["tern:vpc_id"]
+    assert cfg.private_subnets == data["tern:private_subnets"]
+    assert cfg.app_source_cidrs == data["tern:app_source_cidrs"] and cfg.app_source_security_groups == []
+    assert cfg.replica_count == data["tern:replica_count"] and isinstance(cfg.replica_count, int)
+    assert cfg.aurora_engine_version == "15.8"            # a string, never the float 15.8
+    assert (cfg.ebs_size_gb, cfg.ebs_iops, cfg.pg_major) == (data["tern:ebs_size_gb"], data["tern:ebs_iops"], 15)
+    assert cfg.rehearsal is data["tern:rehearsal"] and cfg.protect is data["tern:protect"]
+    assert cfg.backup_retention_days == data["tern:backup_retention_days"]
+    assert cfg.dms_ca_certificate_arn == data["tern:dms_ca_certificate_arn"]
+    assert cfg.heroku_app == data["tern:heroku_app"] and cfg.database == data["tern:database"]
+    assert cfg.dms_source_replica == data.get("tern:dms_source_replica")
+    # every key the stack file sets is read exactly as the YAML-based loader reads it
+    assert replace(cfg, replication_password=None) == replace(stack_config(stack_name), replication_password=None)
+
+    def check(args):
+        password, is_secret = args
+        assert password == SECRET and is_secret
+        return True
+
+    return pulumi.Output.all(cfg.replication_password,
+                             pulumi.Output.from_input(cfg.replication_password.is_secret())).apply(check)
+
+
+# -- pulumi up leaves the running app alone --------------------------------------------------
+
+@pulumi.runtime.test
+def test_pulumi_up_never_touches_the_heroku_app(built):
+    _, stack, mocks = built
+
+    def check(_):
+        heroku = [(t, name) for t, name, _ in mocks.resources if t.startswith("heroku:")]
+        # any Heroku resource (ConfigVar, ConfigAssociation, Formation, the app itself...) would change the
+        # running app; a config-var or formation change restarts every dyno
+        assert heroku == [], heroku
+        assert not any("config" in t.lower() or "formation" in t.lower() for t, _, _ in mocks.resources
+                       if not t.startswith("aws:"))
+        return True
+
+    return all_registered(stack).apply(check)
+
+
+# -- the replicas accept TCP only over TLS ---------------------------------------------------
+
+@pulumi.runtime.test
+def test_replicas_accept_tcp_only_over_tls(built):
+    import base64
+    import re
+    import subprocess
+
+    _, stack, mocks = built
+
+    def check(outputs):
+        (_, lt), = of_type(mocks, "aws:ec2/launchTemplate:LaunchTemplate")
+        text = base64.b64decode(lt["userData"]).decode()
+        assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0, "user data is not valid bash"
+        hba = [line.split() for line in text.splitlines()
+               if re.match(r"(local|host|hostssl|hostnossl|hostgssenc|hostnogssenc)\s", line)]
+        tcp = [line for line in hba if line[0] != "local"]
+        assert tcp, "no TCP entry in pg_hba.conf"
+        for line in tcp:
+            assert line[0] == "hostssl" and line[-1] == "scram-sha-256", line
+        settings = dict(re.findall(r"^(\w+) = (.+)$", text, re.M))
+        assert settings["ssl"] == "on"
+        cert, key = settings["ssl_cert_file"].strip("'"), settings["ssl_key_file"].strip("'")
+        assert re.search(rf"openssl req -x509 .*-keyout {key} -out {cert}", text.replace("\\\n", " "))
+        assert f"chmod 600 {key}" in text
+        hba_file = settings["hba_file"].strip("'")
+        assert f"cat > {hba_file} <<" in text
+        # local trust reaches only the postgres user: the socket directory the runbook uses is 0700
+        socket_dirs = {r["socket_dir"] for r in outputs["replicas"]}
+        assert {settings["unix_socket_directories"].strip("'")} == socket_dirs
+        for d in socket_dirs:
+            assert re.search(rf"install -d -m 0700 -o postgres -g postgres {d}\b", text)
+        assert settings["unix_socket_permissions"] == "0700"
+        assert "d /run/postgresql 0700 postgres postgres" in text     # kept 0700 after a reboot
+        return True
+
+    return pulumi.Output.all(all_registered(stack), pulumi.Output.from_input(stack.outputs)).apply(
+        lambda args: check(args[1]))
+
+
+# -- the DMS source follows the leader --------------------------------------------------------
+
+def _dms_source_points_at(mocks, replica: str) -> bool:
+    ips = {name: state["private_ip"] for name, state in of_type(mocks, "aws:ec2/instance:Instance")}
+    want = ips[f"tern-replicas-{replica}"]
+    source = dict(of_type(mocks, "aws:dms/endpoint:Endpoint"))["tern-dms-source"]
+    assert source["serverName"] == want, (source["serverName"], ips)
+    # with a Secrets Manager secret, DMS takes host and port from the secret, not from the server name
+    (_, version), = of_type(mocks, "aws:secretsmanager/secretVersion:SecretVersion")
+    secret = json.loads(unsecret(version["secretString"]))
+    assert (secret["host"], secret["port"]) == (want, 5432)
+    assert secret["username"] and secret["password"] == SECRET
+    return True
+
+
+@pulumi.runtime.test
+def test_dms_source_defaults_to_the_first_replica(built):
+    _, stack, mocks = built
+    return all_registered(stack).apply(lambda _: _dms_source_points_at(mocks, "ec2-a"))
+
+
+@pytest.mark.parametrize("stack_name", ["dev", "prod"])
+@pulumi.runtime.test
+def test_dms_source_follows_the_configured_replica(stack_name):
+    stack, mocks = build_with_mocks(stack_name, dms_source_replica="ec2-b")
+    return all_registered(stack).apply(lambda _: _dms_source_points_at(mocks, "ec2-b"))
+
+
+def test_dms_source_must_name_a_replica():
+    with pytest.raises(ValueError, match="dms_source_replica .*ec2-a, ec2-b"):
+        build_with_mocks("dev", dms_source_replica="ec2-z")
