@@ -1,10 +1,18 @@
 """AppControl over the Heroku Platform API (v3).
 
-* config vars: ``GET/PATCH /apps/{app}/config-vars`` (``null`` deletes). ``DATABASE_URL``
-  belongs to the Postgres add-on's attachment: before setting it by hand, the add-on is
-  attached under another name (so it is never orphaned) and the ``DATABASE`` attachment removed.
+* config vars: ``GET/PATCH /apps/{app}/config-vars`` (``null`` deletes). A var an add-on
+  attachment owns (attachment ``NAME`` owns ``NAME_URL``: ``DATABASE`` owns ``DATABASE_URL``)
+  cannot be written: Heroku answers 422 "Cannot overwrite attachment values". To write one,
+  tern moves that attachment off - the add-on first attached under :data:`KEEPER_ATTACHMENT`
+  when it has no other attachment, so it is never orphaned - then writes it. The other vars of
+  the same change are written first: the switch's rollback URL (``TERN_SOURCE_DATABASE_URL``,
+  a name no attachment owns) is kept before ``DATABASE_URL`` leaves the attachment, so a run
+  that dies between the calls resumes with the source URL still known.
+  Every config var change (and attaching or detaching) restarts the dynos.
 * maintenance: ``PATCH /apps/{app} {"maintenance": ...}``; formation: ``PATCH
   /apps/{app}/formation {"updates": [...]}`` then wait for the dynos to match.
+* smoke test: a token-carrying write through the app, read back on the new leader (the
+  ``TERN_SMOKE_URL`` contract is in :meth:`HerokuApp.smoke_test`).
 * 429 and 5xx are retried with exponential backoff (tenacity); other errors are clear
   messages. The API key comes from a credential reference and is never logged.
 """
@@ -13,21 +21,30 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any, Callable, Mapping
 
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
-from ..errors import ConfigError, RunbookError, TimeoutExpired
+from ..errors import ConfigError, DatabaseError, RunbookError, TimeoutExpired, VerificationError
+from ..pg import url_endpoint
 from ..redact import redact
 from ..secrets import resolve
 from . import AppControl
 
 API = "https://api.heroku.com"
 ACCEPT = "application/vnd.heroku+json; version=3"
-SOURCE_ATTACHMENT = "TERN_SOURCE_DATABASE"
+# The add-on's attachment while DATABASE_URL points elsewhere. It owns TERN_HEROKU_SOURCE_URL, never the
+# switch's rollback var TERN_SOURCE_DATABASE_URL (which older tern versions attached as TERN_SOURCE_DATABASE:
+# Heroku then refused the switch's write of it; such an attachment is moved off like any other owner).
+KEEPER_ATTACHMENT = "TERN_HEROKU_SOURCE"
+SMOKE_SQL = "SELECT 1 FROM tern_smoke WHERE token = %(token)s"
+
+ReadBack = Callable[[str, str, Mapping[str, str]], bool]
 
 
 class HerokuApiError(RunbookError):
@@ -42,11 +59,13 @@ def _retryable(exc: BaseException) -> bool:
 
 class HerokuApp(AppControl):
     def __init__(self, app: str, *, api_key_ref: str, base_url: str | None = None,
-                 sleep: Callable[[float], None] = time.sleep, attempts: int = 6) -> None:
+                 sleep: Callable[[float], None] = time.sleep, attempts: int = 6,
+                 read_back: ReadBack | None = None) -> None:
         self.app = app
         self._key_ref = api_key_ref
         self.base_url = (base_url or os.environ.get("TERN_HEROKU_API_URL") or API).rstrip("/")
         self.sleep = sleep
+        self.read_back = read_back or _read_back
         self._request = retry(retry=retry_if_exception(_retryable), stop=stop_after_attempt(attempts),
                               wait=wait_exponential(multiplier=0.2, max=10), sleep=sleep, reraise=True)(self._once)
 
@@ -90,22 +109,49 @@ class HerokuApp(AppControl):
         return self.config_vars().get(name)
 
     def set_config_vars(self, changes: Mapping[str, str | None]) -> None:
-        if "DATABASE_URL" in changes:
-            self.detach_database_attachment()
-        self.request("PATCH", f"/apps/{self.app}/config-vars", dict(changes))
-
-    def detach_database_attachment(self) -> None:
-        """Free DATABASE_URL for a manual value, keeping the add-on attached under another name."""
-        attachments = self.request("GET", f"/apps/{self.app}/addon-attachments") or []
-        database = next((a for a in attachments if a.get("name") == "DATABASE"), None)
-        if database is None:
-            return  # already detached (idempotent)
-        addon = database["addon"]["id"]
-        others = [a for a in attachments if a["addon"]["id"] == addon and a.get("name") != "DATABASE"]
-        if not others:
+        changes = dict(changes)
+        if not changes:
+            return
+        attachments = self.attachments() if any(k.endswith("_URL") for k in changes) else []
+        owners = {f"{a['name']}_URL": a for a in attachments}
+        owned = [k for k in changes if k in owners]
+        if not owned:
+            self.request("PATCH", f"/apps/{self.app}/config-vars", changes)
+            return
+        moving = {owners[k]["id"]: owners[k] for k in owned}
+        keepers = self._keepers_needed(list(moving.values()), attachments)   # checked before any write
+        free = {k: v for k, v in changes.items() if k not in owners}
+        if free:
+            self.request("PATCH", f"/apps/{self.app}/config-vars", free)
+        for addon in keepers:
             self.request("POST", "/addon-attachments", {"addon": addon, "app": self.app,
-                                                         "name": SOURCE_ATTACHMENT, "confirm": self.app})
-        self.request("DELETE", f"/addon-attachments/{database['id']}")
+                                                         "name": KEEPER_ATTACHMENT, "confirm": self.app})
+        for att in moving.values():
+            self._delete_attachment(att["id"])
+        self.request("PATCH", f"/apps/{self.app}/config-vars", {k: changes[k] for k in owned})
+
+    def attachments(self) -> list[dict[str, Any]]:
+        return self.request("GET", f"/apps/{self.app}/addon-attachments") or []
+
+    def _keepers_needed(self, moving: list[dict[str, Any]], attachments: list[dict[str, Any]]) -> list[str]:
+        """The add-ons that would be left without an attachment once ``moving`` is removed."""
+        moving_ids = {a["id"] for a in moving}
+        addons = list(dict.fromkeys(a["addon"]["id"] for a in moving))
+        orphans = [addon for addon in addons
+                   if not any(a["addon"]["id"] == addon and a["id"] not in moving_ids for a in attachments)]
+        taken = [a for a in attachments if a.get("name") == KEEPER_ATTACHMENT]
+        if orphans and (len(orphans) > 1 or taken):
+            raise ConfigError(f"Heroku app {self.app}: cannot keep add-on {orphans[0]} attached as "
+                              f"{KEEPER_ATTACHMENT} (that name is taken or needed twice); attach it under "
+                              "another name first, then run again")
+        return orphans
+
+    def _delete_attachment(self, attachment_id: str) -> None:
+        try:
+            self.request("DELETE", f"/addon-attachments/{attachment_id}")
+        except HerokuApiError as exc:
+            if exc.status != 404:   # 404: already gone (a retried DELETE whose first answer was lost)
+                raise
 
     # -- maintenance and formation -------------------------------------------------------
     def maintenance(self) -> bool:
@@ -145,19 +191,95 @@ class HerokuApp(AppControl):
             self.sleep(1.0)
 
     def smoke_test(self, host: str, port: int, *, since: float, timeout: float) -> str:
-        """GET the app's smoke URL (``TERN_SMOKE_URL``: an endpoint of the app that writes and reads back)."""
+        """Prove a write through the app reached the new leader ``host:port``.
+
+        The ``TERN_SMOKE_URL`` contract (an endpoint of the app, not of the Heroku API):
+
+        * tern sends ``POST TERN_SMOKE_URL`` with the JSON body ``{"token": "<random hex>"}``,
+          a fresh token per attempt; no Heroku credential is sent (a secret the endpoint
+          wants goes in the URL, which tern never prints beyond scheme, host and path);
+        * the app inserts one row carrying that token through its own ``DATABASE_URL``,
+          commits, and only then answers 2xx with a JSON object echoing it: ``{"token": ...}``;
+        * tern then connects to the new leader with the app's ``DATABASE_URL`` (which must point
+          at ``host:port``) and runs ``TERN_SMOKE_SQL`` in a read-only transaction with the
+          parameter ``%(token)s`` (default: ``SELECT 1 FROM tern_smoke WHERE token = %(token)s``;
+          write a literal ``%`` as ``%%``). A row back proves the write landed on the leader.
+
+        Non-2xx answers and unreachable endpoints (dynos restarting, maintenance page) are
+        retried until ``timeout``. A 2xx answer that does not echo the token, or a token not
+        found on the leader (the write went to another database, e.g. a dyno still on the old
+        one), fails at once. ``since`` is not needed: the token is fresh.
+        """
         url = os.environ.get("TERN_SMOKE_URL")
         if not url:
-            raise ConfigError("set TERN_SMOKE_URL to an app endpoint that writes and reads back one row")
+            raise ConfigError("set TERN_SMOKE_URL to an app endpoint that writes a row with the token tern "
+                              "posts and echoes the token (see runbook/adapters/heroku_app.py)")
+        sql = os.environ.get("TERN_SMOKE_SQL") or SMOKE_SQL
+        if "%(token)s" not in sql:
+            raise ConfigError("TERN_SMOKE_SQL must look the row up by the parameter %(token)s")
+        shown = _shown(url)
+        database_url = self.config_var("DATABASE_URL")
+        if not database_url or url_endpoint(database_url)[:2] != (host, port):
+            where = "is not set" if not database_url else "points at {}:{}".format(*url_endpoint(database_url)[:2])
+            raise VerificationError(f"smoke test: the app's DATABASE_URL {where}, not the new leader {host}:{port}")
         deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(url, timeout=10) as resp:
-                    if 200 <= resp.status < 300:
-                        return f"{url} answered {resp.status}"
-                    last = str(resp.status)
-            except (urllib.error.URLError, OSError) as exc:
-                last = redact(exc)
+        last = "no attempt"
+        while True:
+            token = secrets.token_hex(16)
+            answered, answer = self._smoke_post(url, token)
+            if not answered:
+                last = answer
+            else:
+                if not isinstance(answer, dict) or answer.get("token") != token:
+                    raise ConfigError(f"smoke test: {shown} answered 2xx without echoing the token tern sent: "
+                                      "it does not follow the TERN_SMOKE_URL contract, so it proves no write")
+                if not self.read_back(database_url, sql, {"token": token}):
+                    raise VerificationError(f"smoke test: the app acknowledged smoke token {token} but the row is "
+                                            f"not on the new leader {host}:{port}: the write went to another "
+                                            "database (a dyno still on the old one?)")
+                return f"smoke token {token} written through {shown} and read back from {host}:{port}"
+            if time.monotonic() >= deadline:
+                raise TimeoutExpired(f"smoke test {shown} failed for {timeout:.0f}s: {last}")
             self.sleep(1.0)
-        raise TimeoutExpired(f"smoke test {url} failed for {timeout:.0f}s: {last}")
+
+    def _smoke_post(self, url: str, token: str) -> tuple[bool, Any]:
+        """``(True, its JSON or None)`` when the endpoint answered 2xx, else ``(False, why not)``."""
+        req = urllib.request.Request(url, data=json.dumps({"token": token}).encode(), method="POST", headers={
+            "Content-Type": "application/json", "Accept": "application/json", "User-Agent": "tern"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            return False, f"HTTP {exc.code}"
+        except (urllib.error.URLError, OSError) as exc:
+            return False, redact(exc)
+        try:
+            return True, json.loads(raw or b"null")
+        except ValueError:
+            return True, None
+
+
+def _shown(url: str) -> str:
+    """A URL as tern prints it: no credentials, query or fragment (they may carry a secret)."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _read_back(database_url: str, sql: str, params: Mapping[str, str]) -> bool:
+    """Whether ``sql`` finds a row on the database of ``database_url`` (in a read-only transaction)."""
+    import psycopg
+
+    from ..pg import connect
+
+    with connect(database_url, purpose="smoke-test", autocommit=False, timeout=10) as conn:
+        try:   # closed without a commit: whatever the operator's query did is rolled back
+            conn.execute("SET TRANSACTION READ ONLY")
+            row = conn.execute(sql, dict(params)).fetchone()
+        except psycopg.Error as exc:
+            host, port, db = url_endpoint(database_url)
+            raise DatabaseError(f"smoke test: TERN_SMOKE_SQL failed on {host}:{port}/{db}: "
+                                f"{redact(exc).strip()}") from None
+    return row is not None
