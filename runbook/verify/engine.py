@@ -37,7 +37,8 @@ MODES = ("schema", "counts", "sample", "full")
 LEAF_ROWS = 2000          # differing chunks are split into sub-buckets of about this many rows
 CHUNKS_PER_SCAN = 40      # a scan (one task) covers at most this many chunks
 MAX_REPORTED_ROWS = 1000  # per table
-MAX_SAMPLE_KEYS = 20000
+MAX_SAMPLE_ROWS = 20000  # a sample never fetches more rows than this per table (default)
+SAMPLE_TIMEOUT = 60.0    # nor reads longer than this per statement (seconds; default)
 
 Progress = Callable[[str, int, int], None]
 
@@ -264,15 +265,40 @@ class Scan:
 
 
 # -- the engine ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Options:
+    """What a run checks and its bounds (validated by :func:`verify`)."""
+
+    mode: str = "full"
+    sample_percent: float = 5.0
+    sample_rows: int = MAX_SAMPLE_ROWS
+    sample_timeout: float = SAMPLE_TIMEOUT
+    counts: bool = True      # sample mode: also count every table's rows on both sides (O(rows))
+    jobs: int = 2
+    chunk_rows: int = 50_000
+
+
 def verify(source_url: str, target_url: str, *, mode: str = "full", tables: list[str] | None = None,
            sample_percent: float = 5.0, jobs: int = 2, chunk_rows: int = 50_000, sequences: str = "at_least",
-           timeout: float = 10.0, progress: Progress | None = None) -> VerifyReport:
+           timeout: float = 10.0, progress: Progress | None = None, sample_rows: int = MAX_SAMPLE_ROWS,
+           sample_timeout: float = SAMPLE_TIMEOUT, counts: bool = True) -> VerifyReport:
+    """Compare ``target_url`` with ``source_url``. In ``sample`` mode the sample is spread over the
+    whole table (block sampling), at most ``sample_rows`` rows per table, each statement bounded by
+    ``sample_timeout`` seconds; ``counts=False`` skips the O(rows) row counts (a failover's window)."""
     if mode not in MODES:
         raise ConfigError(f"unknown verification mode {mode!r}; choose one of: {', '.join(MODES)}")
-    if jobs < 1 or jobs > 64:
-        raise ConfigError(f"--jobs must be between 1 and 64, got {jobs}")
-    if not 0 < sample_percent <= 100:
-        raise ConfigError(f"--sample-pct must be in (0, 100], got {sample_percent}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= 64:
+        raise ConfigError(f"--jobs must be an integer between 1 and 64, got {jobs!r}")
+    if isinstance(sample_percent, bool) or not isinstance(sample_percent, (int, float)) \
+            or not 0 < sample_percent <= 100:
+        raise ConfigError(f"--sample-pct must be a number in (0, 100], got {sample_percent!r}")
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ConfigError(f"--chunk-rows must be a positive integer, got {chunk_rows!r}")
+    if isinstance(sample_rows, bool) or not isinstance(sample_rows, int) or sample_rows < 1:
+        raise ConfigError(f"the sample's row bound must be a positive integer, got {sample_rows!r}")
+    if not sample_timeout > 0:
+        raise ConfigError(f"the sample's time bound must be positive, got {sample_timeout!r}")
+    opts = Options(mode, float(sample_percent), sample_rows, float(sample_timeout), counts, jobs, chunk_rows)
     t0 = time.monotonic()
     report = VerifyReport(mode=mode, sample_percent=sample_percent if mode == "sample" else 0.0)
     with ExitStack() as stack:
@@ -297,7 +323,7 @@ def verify(source_url: str, target_url: str, *, mode: str = "full", tables: list
                 report.tables.append(tr)
             elif n not in s_tables:
                 report.tables.append(TableReport(n, error="table exists only on the target"))
-        report.tables += _run_tables(todo, src, dst, mode, sample_percent, jobs, chunk_rows, progress)
+        report.tables += _run_tables(todo, src, dst, opts, progress)
         report.tables.sort(key=lambda t: t.table)
     report.seconds = time.monotonic() - t0
     return report
@@ -346,8 +372,9 @@ def _sequences(src, dst, mode: str) -> list[str]:
     return out
 
 
-def _run_tables(todo: list[Table], src: Side, dst: Side, mode: str, pct: float, jobs: int, chunk_rows: int,
+def _run_tables(todo: list[Table], src: Side, dst: Side, opts: Options,
                 progress: Progress | None) -> list[TableReport]:
+    mode, jobs = opts.mode, opts.jobs
     reports = {t.name: TableReport(t.name, primary_key=t.pk) for t in todo}
     tasks: queue.Queue = queue.Queue()
     # plan every table on the coordinators (cheap: counts or key boundaries), then hash chunks in parallel
@@ -356,7 +383,7 @@ def _run_tables(todo: list[Table], src: Side, dst: Side, mode: str, pct: float, 
         for c in (src.coordinator, dst.coordinator):
             c.execute("SAVEPOINT tern_plan")
         try:
-            _plan_table(t, r, src.coordinator, dst.coordinator, mode, chunk_rows, tasks)
+            _plan_table(t, r, src.coordinator, dst.coordinator, opts, tasks)
         except psycopg.Error as exc:
             r.error = redact(str(exc).strip().splitlines()[0])
             for c in (src.coordinator, dst.coordinator):
@@ -381,7 +408,7 @@ def _run_tables(todo: list[Table], src: Side, dst: Side, mode: str, pct: float, 
                 t0 = time.monotonic()
                 try:
                     if kind == "sample":
-                        _sample(table, r, s_conn, d_conn, pct)
+                        _sample(table, r, s_conn, d_conn, opts)
                     elif kind == "whole":
                         _whole_table(table, r, s_conn, d_conn, other_side)
                     else:
@@ -423,13 +450,18 @@ def _reset(conn) -> None:
         pass
 
 
-def _plan_table(t: Table, r: TableReport, src, dst, mode: str, chunk_rows: int, tasks: queue.Queue) -> None:
+def _plan_table(t: Table, r: TableReport, src, dst, opts: Options, tasks: queue.Queue) -> None:
+    mode = opts.mode
     if mode == "full" and t.pk:
         # each chunk's checksum counts its rows: no separate count pass
         r.source_rows, r.target_rows = 0, 0
-        for scan in _scans(t, src, chunk_rows):
+        for scan in _scans(t, src, opts.chunk_rows):
             r.chunks += scan.chunks
             tasks.put((t, scan, "scan"))
+        return
+    if mode == "sample" and not opts.counts:
+        r.chunks = 1
+        tasks.put((t, None, "sample"))
         return
     count = sql.SQL("SELECT count(*) FROM {}").format(t.ident)
     r.source_rows = src.execute(count).fetchone()[0]
@@ -602,17 +634,48 @@ def _whole_table(t: Table, r: TableReport, s_conn, d_conn, other_side) -> None:
         r.problems.append("content differs (no primary key: the rows cannot be named; whole-table multiset hash)")
 
 
-def _sample(t: Table, r: TableReport, s_conn, d_conn, pct: float) -> None:
+def _sample(t: Table, r: TableReport, s_conn, d_conn, opts: Options) -> None:
+    """Compare a sample of rows in full. Block sampling (TABLESAMPLE SYSTEM) reads only the
+    sampled pages, spread over the whole heap, and the rows are thinned at random to the bound;
+    every statement runs under ``sample_timeout``."""
+    timeout_ms = max(1, int(opts.sample_timeout * 1000))
+    for c in (s_conn, d_conn):
+        c.execute(sql.SQL("SET LOCAL statement_timeout = {}").format(sql.Literal(timeout_ms)))
+    try:
+        _sample_rows(t, r, s_conn, d_conn, opts)
+    finally:
+        for c in (s_conn, d_conn):
+            if c.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
+                c.execute("SET LOCAL statement_timeout = 0")
+
+
+def _sample_rows(t: Table, r: TableReport, s_conn, d_conn, opts: Options) -> None:
     if not t.pk:
+        if not opts.counts:
+            r.problems.append("no primary key: rows cannot be sampled by key (checked by the full verification)")
+            return
         q = sql.SQL("SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0) FROM {} t").format(t.ident)
         if s_conn.execute(q).fetchone() != d_conn.execute(q).fetchone():
             r.problems.append("content differs (no primary key: the rows cannot be named)")
         r.checked_rows = r.source_rows or 0
         return
-    total = r.source_rows or 0
-    pct = min(100.0, max(pct, 100.0 * 50 / max(total, 1)))  # at least ~50 rows per table
-    keys = s_conn.execute(sql.SQL("SELECT {c} FROM {t} TABLESAMPLE BERNOULLI (%s) LIMIT %s").format(
-        c=t.pk_cols, t=t.ident), (pct, MAX_SAMPLE_KEYS)).fetchall()
+    pages, estimate = s_conn.execute(
+        "SELECT greatest(pg_relation_size(%s::regclass) / current_setting('block_size')::int, 1), "
+        "(SELECT reltuples FROM pg_class WHERE oid = %s::regclass)",
+        (t.ident.as_string(None), t.ident.as_string(None))).fetchone()
+    total = r.source_rows if r.source_rows is not None else max(int(estimate or 0), 0)
+    if r.source_rows == 0:
+        return
+    per_page = (estimate / pages) if estimate and estimate > 0 else 1.0   # unknown: assume one row per page
+    wanted = min(opts.sample_rows, max(50, int(total * opts.sample_percent / 100)))
+    # read about four times the rows wanted (more pages, fewer rows from each), then thin at random
+    # (and never fewer than 32 pages, so that a small sample is not one unlucky page or none)
+    block_pct = min(100.0, 100.0 * max(32.0, 4 * wanted / max(per_page, 1.0)) / pages)
+    query = sql.SQL("SELECT {c} FROM (SELECT {c} FROM {t} TABLESAMPLE SYSTEM (%s)) s ORDER BY random() LIMIT %s") \
+        .format(c=t.pk_cols, t=t.ident)
+    keys = s_conn.execute(query, (block_pct, wanted)).fetchall()
+    if not keys and block_pct < 100:
+        keys = s_conn.execute(query, (100.0, wanted)).fetchall()   # the sampled pages held no row
     if not keys:
         return
     r.checked_rows = len(keys)

@@ -301,3 +301,24 @@ def test_schema_covers_defaults_collations_triggers_functions_policies_grants(fr
                 with psycopg.connect(fresh.url(node), autocommit=True) as conn:
                     conn.execute("DROP OWNED BY tern_reader_test")   # its grants
                     conn.execute("DROP ROLE tern_reader_test")
+
+
+def test_sample_reaches_the_end_of_a_large_table(fresh):
+    """5 % of 500,000 rows is more than the 20,000-row bound: the sample must still be spread
+    over the whole table (it took the first 400,000 rows only, and missed changes at the end)."""
+    for node in ("source", "aurora"):
+        with psycopg.connect(fresh.url(node), autocommit=True) as conn:
+            conn.execute("CREATE TABLE big (id int PRIMARY KEY, v int)")
+            conn.execute("INSERT INTO big SELECT g, g FROM generate_series(1, 500000) g")
+            conn.execute("VACUUM ANALYZE big")
+    fresh.on_target("UPDATE big SET v = -v WHERE id > 440000")
+    report = fresh.run(mode="sample", tables=["big"], sample_percent=5)
+    big = rows_of(report, "public.big")
+    assert not report.ok
+    assert 15000 <= big.checked_rows <= 20000
+    assert big.rows and all(r.kind == "changed" and r.key["id"] > 440000 for r in big.rows)
+    # bounded in rows and in time: a tiny bound is honoured, and a statement over its time fails loudly
+    small = fresh.run(mode="sample", tables=["big"], sample_percent=50, sample_rows=300)
+    assert rows_of(small, "public.big").checked_rows == 300
+    slow = fresh.run(mode="sample", tables=["big"], sample_percent=100, sample_timeout=0.001, counts=False)
+    assert not slow.ok and "statement timeout" in (rows_of(slow, "public.big").error or "")
