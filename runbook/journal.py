@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PreflightError
-from .redact import redact
+from .redact import redact_data
 
 
 class RunLock:
@@ -114,7 +114,7 @@ class Journal:
     def record(self, step: str, event: str, **data: Any) -> dict[str, Any]:
         entry = {"ts": time.time(), "step": step, "event": event}
         entry.update(data)
-        line = redact(json.dumps(entry, default=str, sort_keys=True))
+        line = json.dumps(redact_data(entry), sort_keys=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             os.write(fd, (line + "\n").encode())

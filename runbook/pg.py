@@ -42,7 +42,23 @@ def url_endpoint(url: str) -> tuple[str, int, str]:
         register_secret(str(params["password"]))
     if not params.get("host"):
         raise ConfigError(f"PostgreSQL URL without a host: {redact(url)}")
-    return str(params["host"]), int(params.get("port") or 5432), str(params.get("dbname") or "")
+    port = str(params.get("port") or 5432)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"PostgreSQL URL with a bad port {port!r}: {redact(url)}")
+    return str(params["host"]), int(port), str(params.get("dbname") or "")
+
+
+def with_password(url: str, password: str) -> str:
+    """The same URL with ``password`` in it (registered for redaction first)."""
+    from urllib.parse import urlunsplit
+
+    register_secret(password)
+    url_endpoint(url)
+    parts = urlsplit(url)
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0] if userinfo else ""
+    netloc = f"{user}:{quote(password, safe='')}@{hostport}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 @contextmanager

@@ -37,6 +37,25 @@ def redact(text: object) -> str:
     return s
 
 
+def redact_data(value: object) -> object:
+    """``value`` (JSON-like data) with every string redacted, keys included: redact *before* encoding,
+    since an encoder escapes ``"`` and ``\\`` and a known secret would no longer match.
+
+    >>> register_secret('pa"ss\\word')
+    >>> redact_data({"dsn": 'x pa"ss\\word y', "n": [1, 'pa"ss\\word']})
+    {'dsn': 'x *** y', 'n': [1, '***']}
+    """
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact(str(k)): redact_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_data(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return redact(value)
+
+
 class RedactingFilter(logging.Filter):
     """A logging filter that redacts every record's final message."""
 

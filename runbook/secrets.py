@@ -18,6 +18,15 @@ from .errors import ConfigError
 from .redact import register_secret
 
 
+SCHEMES = ("env", "file", "aws-secretsmanager", "ssm-parameter")
+
+
+def is_reference(value: str) -> bool:
+    """Whether ``value`` has the shape of a credential reference (not a value)."""
+    scheme, sep, rest = str(value).partition(":")
+    return bool(sep) and scheme in SCHEMES and bool(rest)
+
+
 def resolve(ref: str) -> str:
     scheme, _, rest = ref.partition(":")
     if scheme == "env":
