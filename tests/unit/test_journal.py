@@ -20,3 +20,12 @@ def test_journal_redacts_before_encoding(tmp_path, secret):
         assert encoded not in text
     events = Journal.load(tmp_path, j.run_id).events
     assert len(events) == 2 and events[1]["context"] == {"nested": ["***", {"k": "***"}]}
+
+
+def test_polling_doctests():
+    import doctest
+
+    import runbook.polling as polling
+
+    failures, tried = doctest.testmod(polling)
+    assert tried >= 3 and failures == 0
