@@ -5,14 +5,18 @@ JSON keys (stable):
 ``run_id``, ``kind``, ``outcome`` (completed | fell_back | failed | in_progress), ``reason``,
 ``candidate``, ``new_leader``, ``steps[]`` (``name``, ``started_at``, ``ended_at``, ``seconds``,
 ``outcome``, ``detail``), ``downtime`` (``maintenance_at``, ``switched_at``, ``app_started_at``),
-``write_unavailability`` (``last_ack_on_source``, ``first_ack_on_target``, ``seconds``; from the
-app's ledger, sandbox only), ``acknowledged_writes``, ``missing_on_target`` (must be 0),
-``missing_keys``, ``verification``, ``repoint_failures``, ``catchup_seconds``.
+``write_unavailability`` (``last_ack_on_source``, ``first_ack_on_target``, ``target``, ``seconds``;
+from the app's ledger, sandbox only), ``acknowledged_writes``, ``missing_on_target`` (must be 0),
+``missing_keys``, ``checked_on``, ``verification``, ``repoint_failures``, ``catchup_seconds``.
+
+Every point in time is an ISO 8601 UTC string with milliseconds (``2026-11-27T11:20:31.123Z``);
+durations are seconds. The journal keeps epoch seconds; only the report converts them.
 """
 
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,44 @@ from .journal import Journal
 from .pg import connect, url_endpoint
 
 
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds as ISO 8601 UTC with milliseconds: ``2026-11-27T11:20:31.123Z``."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(float(ts), timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def build(journal: Journal, outputs: Outputs | None) -> dict[str, Any]:
+    report = _build(journal, outputs)
+    for step in report["steps"]:
+        step["started_at"], step["ended_at"] = iso(step["started_at"]), iso(step["ended_at"])
+    report["downtime"] = {k: iso(v) for k, v in report["downtime"].items()}
+    w = report.get("write_unavailability")
+    if w:
+        w["last_ack_on_source"], w["first_ack_on_target"] = iso(w["last_ack_on_source"]), iso(w["first_ack_on_target"])
+    return report
+
+
+# the figures only the sandbox app's ledger gives; kept in the saved report for when the sandbox is gone
+LEDGER_KEYS = ("write_unavailability", "acknowledged_writes", "missing_on_target", "missing_keys", "checked_on",
+               "final_ledger_check")
+
+
+def with_saved_figures(journal: Journal, report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` completed with the ledger figures saved at the end of the run (the sandbox may be gone)."""
+    path = journal.run_dir / "report.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return report
+    merged = dict(report)
+    for key in LEDGER_KEYS:
+        if saved.get(key) is not None and merged.get(key) in (None, {}):
+            merged[key] = saved[key]
+    return merged
+
+
+def _build(journal: Journal, outputs: Outputs | None) -> dict[str, Any]:
     ctx = journal.context()
     outcome = journal.outcome()
     steps = [{"name": s.name, "started_at": s.started_at, "ended_at": s.ended_at,
@@ -91,10 +132,12 @@ def save(journal: Journal, report: dict[str, Any]) -> Path:
 
 
 def load_journal(state_dir: Path, run_id: str | None) -> Journal:
+    """A run of the stack whose runs live in ``state_dir/runs`` (the latest when ``run_id`` is None)."""
+    runs = Path(state_dir) / "runs"
     run_id = run_id or Journal.latest(state_dir)
     if run_id is None:
-        raise ConfigError(f"no run recorded in {state_dir}/runs")
-    path = Path(state_dir) / "runs" / run_id / "journal.jsonl"
+        raise ConfigError(f"no run recorded in {runs}")
+    path = runs / run_id / "journal.jsonl"
     if not path.exists():
-        raise ConfigError(f"no run {run_id!r} in {state_dir}/runs")
+        raise ConfigError(f"no run {run_id!r} in {runs}")
     return Journal.load(state_dir, run_id)

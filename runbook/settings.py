@@ -1,24 +1,37 @@
 """Runbook defaults: every timeout, threshold and path in one typed place.
 
-Values come from ``invoke.yaml`` (section ``tern``), ``INVOKE_TERN_*`` environment
-variables, or task flags, in invoke's usual order. Domain code receives a
-:class:`Settings`; it never reads invoke's config itself.
+Values come from ``invoke.yaml`` (section ``tern``), ``INVOKE_TERN_<KEY>`` environment
+variables, or task flags, in invoke's usual order; the defaults are the fields below
+(``runbook.tasks.build_namespace`` declares every one of them to invoke, so that each
+``INVOKE_TERN_<KEY>`` reaches it). Domain code receives a :class:`Settings`; it never
+reads invoke's config itself.
+
+Paths are absolute: a relative value is taken relative to :data:`PROJECT_DIR` (the
+directory holding ``tasks.py`` and ``invoke.yaml``), never to wherever invoke was started.
+Run state (journals, reports) lives per stack in :meth:`Settings.stack_state_dir`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import ConfigError
 
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+FLUSH_MODES = ("fill", "archive_timeout")
+
 
 @dataclass(frozen=True)
 class Settings:
-    sandbox_dir: Path = Path(".sandbox")
-    state_dir: Path = Path(".tern")
+    sandbox_dir: Path = PROJECT_DIR / ".sandbox"
+    state_dir: Path = PROJECT_DIR / ".tern"
     pg_bindir: str | None = None
 
     # sandbox shape
@@ -26,11 +39,9 @@ class Settings:
     scale: int = 1
     dataset: str = "inventory"
     app_rate: float = 100.0
-    app_worker_share: float = 0.25
 
     # bounded waits (seconds)
     connect_timeout: float = 5.0
-    command_timeout: float = 120.0
     restore_timeout: float = 900.0
     catchup_timeout: float = 120.0
     stop_app_timeout: float = 30.0
@@ -46,10 +57,19 @@ class Settings:
     # archive_timeout: wait for the source to archive it on its own (the naive baseline)
     flush_mode: str = "fill"
 
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if str(f.type) == "Path" and not Path(value).is_absolute():
+                object.__setattr__(self, f.name, absolute(value))
+        for name, (ok, what) in _RULES.items():
+            value = getattr(self, name)
+            if not ok(value):
+                raise ConfigError(f"setting tern.{name} must be {what}, got {value!r}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> "Settings":
-        """Build settings from invoke's ``tern`` section, rejecting unknown keys."""
+        """Build settings from invoke's ``tern`` section, rejecting unknown keys; ``None`` keeps the default."""
         values = dict(values or {})
         known = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
@@ -61,6 +81,16 @@ class Settings:
             kwargs[key] = _coerce(key, known[key].type, raw)
         return cls(**kwargs)
 
+    @classmethod
+    def invoke_defaults(cls) -> dict[str, Any]:
+        """Every key declared to invoke, as ``None`` (the default above applies).
+
+        Invoke maps ``INVOKE_TERN_<KEY>`` only onto keys it already knows, and casts the
+        variable to the type of the value it finds: ``None`` lets the raw string through,
+        so that :func:`_coerce` checks it and a bad value is a :class:`ConfigError`.
+        """
+        return {f.name: None for f in dataclasses.fields(cls)}
+
     def replace(self, **changes: Any) -> "Settings":
         """A copy with ``changes`` applied; ``None`` values keep the current value."""
         changes = {k: v for k, v in changes.items() if v is not None}
@@ -71,12 +101,64 @@ class Settings:
             changes[key] = _coerce(key, known[key].type, changes[key])
         return dataclasses.replace(self, **changes)
 
+    def stack_state_dir(self, stack: str | None) -> Path:
+        """Where the runs of ``stack`` live: ``<state_dir>/<stack key>`` (journals in its ``runs/``)."""
+        return self.state_dir / stack_key(stack)
+
+
+def stack_key(stack: str | None) -> str:
+    """A directory name for a ``--stack`` value: ``local`` (the sandbox), the Pulumi stack's name, or,
+    for an outputs ``.json`` file, its name and a hash of its absolute path (two files never share runs)."""
+    stack = stack or "local"
+    if stack == "local":
+        return "local"
+    if stack.endswith(".json") or "/" in stack:
+        path = Path(stack).expanduser().absolute()
+        digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
+        return f"{_safe(path.stem) or 'outputs'}-{digest}"
+    return _safe(stack) or "stack"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip(".-")
+
+
+def absolute(path: str | Path) -> Path:
+    """``path`` made absolute against :data:`PROJECT_DIR` (``~`` expanded)."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else PROJECT_DIR / p
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_POSITIVE = (lambda v: _finite(v) and v > 0, "a positive number")
+_RULES: dict[str, tuple[Any, str]] = {
+    "replicas": (lambda v: v >= 1, "at least 1"),
+    "scale": (lambda v: v >= 1, "at least 1"),
+    "dataset": (lambda v: bool(v), "a dataset name"),
+    "app_rate": _POSITIVE,
+    "connect_timeout": _POSITIVE,
+    "restore_timeout": _POSITIVE,
+    "catchup_timeout": _POSITIVE,
+    "stop_app_timeout": _POSITIVE,
+    "promote_timeout": _POSITIVE,
+    "repoint_timeout": _POSITIVE,
+    "smoke_timeout": _POSITIVE,
+    "poll_interval": _POSITIVE,
+    "sample_percent": (lambda v: _finite(v) and 0 < v <= 100, "a percentage in (0, 100]"),
+    "flush_mode": (lambda v: v in FLUSH_MODES, "one of " + ", ".join(FLUSH_MODES)),
+}
+
 
 def _coerce(key: str, type_name: Any, raw: Any) -> Any:
     t = str(type_name)
     try:
         if t == "Path":
-            return Path(raw)
+            if str(raw) == "":
+                raise ValueError
+            return absolute(raw)
         if t == "int":
             if isinstance(raw, bool):
                 raise ValueError
@@ -84,7 +166,10 @@ def _coerce(key: str, type_name: Any, raw: Any) -> Any:
         if t == "float":
             if isinstance(raw, bool):
                 raise ValueError
-            return float(raw)
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
         if t == "str":
             return str(raw)
         if t == "str | None":

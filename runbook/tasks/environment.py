@@ -6,21 +6,21 @@ from invoke import task
 from rich.table import Table
 
 from .. import status as status_mod
-from .common import out, outputs, print_json, settings, task_errors
+from .common import out, outputs, parse_name, print_json, settings, task_errors
 
 
 @task(name="outputs", help={"stack": "local (the sandbox, default), a .json outputs file, or a Pulumi stack name"})
 @task_errors
 def show_outputs(c, stack=None):
-    """Print the outputs contract of a stack (credentials are references, shown as such)."""
-    print_json(outputs(c, stack).public_dict())
+    """Print the outputs contract of a stack as JSON (credentials are references, shown as such)."""
+    print_json(outputs(c, parse_name("stack", stack)).public_dict())
 
 
 @task(help={"stack": "local (default), a .json outputs file, or a Pulumi stack", "json": "machine-readable output"})
 @task_errors
 def status(c, stack=None, json=False):
     """Every node's role, timeline, LSN and lag; the app's formation and maintenance; the ledger."""
-    o = outputs(c, stack)
+    o = outputs(c, parse_name("stack", stack))
     data = status_mod.gather(o, timeout=settings(c).connect_timeout)
     if json:
         print_json(data)
@@ -28,7 +28,7 @@ def status(c, stack=None, json=False):
     render(data)
 
 
-def render(data) -> None:
+def render(data, out=out) -> None:
     table = Table(title=f"tern status - stack {data['stack']}")
     for col in ("node", "kind", "zone", "role", "TL", "LSN", "lag bytes", "lag s", "upstream", "last segment"):
         table.add_column(col)
@@ -47,4 +47,4 @@ def render(data) -> None:
         out.print(f"ledger: {data['ledger']['acknowledged']} acknowledged writes, {data['ledger']['in_doubt']} in doubt")
     for n in data["nodes"]:
         if n.get("error"):
-            out.print(f"[red]{n['name']}: {n['error']}[/red]")
+            out.print(f"{n['name']}: {n['error']}", style="red", markup=False)

@@ -2,38 +2,38 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 from invoke import Exit, task
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.prompt import Confirm
 from rich.table import Table
+from rich.text import Text
 
 from .. import report as report_mod
-from ..errors import PreflightError, StepError
+from ..contract import Outputs
+from ..errors import ConfigError, PreflightError, StepError
+from ..failover import ec2
 from ..failover.run import failover_ec2 as run_failover_ec2
+from ..journal import Journal
 from ..restore import restore_all
-from .common import console, out, outputs, print_json, settings, task_errors
+from ..status import replica_status
+from .common import (byte_progress, console, human, out, outputs, parse_name, print_json, progress_status, say,
+                     settings, stack_settings, task_errors)
+
+STACK_HELP = "local (the sandbox, default), a .json outputs file, or a Pulumi stack name"
 
 
-@task(help={"stack": "local (default), a .json outputs file, or a Pulumi stack"})
+@task(help={"stack": STACK_HELP})
 @task_errors
 def restore(c, stack=None):
     """Restore every EC2 replica from the source's base backup and start it as a standby fed by the WAL archive."""
-    o = outputs(c, stack)
+    o = outputs(c, parse_name("stack", stack))
     s = settings(c)
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                  console=console, transient=True) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(name: str, done: int, total: int) -> None:
-            if name not in tasks:
-                tasks[name] = bar.add_task(f"restoring {name}", total=total or None)
-            bar.update(tasks[name], completed=done)
-
+    with byte_progress("restoring") as progress:
         results = restore_all(o, timeout=s.restore_timeout, connect_timeout=s.connect_timeout, progress=progress)
     for name, what in results.items():
-        console.print(f"{name}: {what}")
+        say(f"{name}: {what}")
 
 
 def make_confirm(yes: bool):
@@ -47,62 +47,104 @@ def make_confirm(yes: bool):
     return confirm
 
 
+def restore_command(stack: str | None) -> str:
+    return "invoke restore" + (f" --stack {stack}" if stack and stack != "local" else "")
+
+
+def check_restored(o: Outputs, stack: str | None, candidate: str | None) -> None:
+    """Before a new run: the replicas must have been restored (an empty host cannot be a candidate)."""
+    wanted = [o.replica(candidate)] if candidate else o.replicas
+    empty = [r.name for r in wanted if replica_status(r, None)["role"] == "empty"]
+    if len(empty) == len(wanted):
+        what = f"{empty[0]} is" if len(empty) == 1 else f"{', '.join(empty)} are"
+        raise ConfigError(f"the EC2 replicas are not restored yet ({what} empty): run `{restore_command(stack)}` first")
+
+
 @task(name="failover-ec2",
       help={"candidate": "the replica to promote (default: the most advanced healthy one)",
             "dry_run": "print the plan against the current state and change nothing",
-            "yes": "confirm the point of no return without asking", "stack": "local (default) or a stack",
-            "json": "print the report as JSON"})
+            "yes": "confirm the point of no return without asking", "stack": STACK_HELP,
+            "json": "print the report (or, with --dry-run, the plan) as JSON on stdout; the rest goes to stderr"})
 @task_errors
 def failover_ec2(c, candidate=None, dry_run=False, yes=False, stack=None, json=False):
-    """Failover 1: Heroku -> EC2. Freeze, fence, flush, verify, promote, repoint, switch, start, smoke test.
+    """Failover 1: Heroku -> EC2. Freeze, fence, flush, verify, promote, switch, start, smoke test, repoint.
 
     Journaled: if killed, run the same command again to resume. Falls back to the source
-    automatically on any failure before the promotion.
+    automatically on any failure before the promotion. Exit 1 when it fell back.
     """
+    stack = parse_name("stack", stack)
+    candidate = parse_name("candidate", candidate)
     o = outputs(c, stack)
-    s = settings(c)
-    with console.status("failover-ec2") as st:
+    if candidate is not None:
+        o.replica(candidate)   # an unknown name is bad input, before anything else
+    s = stack_settings(settings(c), stack)
+    if Journal.current(s.state_dir, ec2.KIND) is None:
+        check_restored(o, stack, candidate)
+    show = human(json)
+    with progress_status("failover-ec2", echo=True) as update:
         try:
             result = run_failover_ec2(o, s, candidate=candidate, dry_run=dry_run, confirm=make_confirm(yes),
-                                      progress=lambda m: (st.update(m), console.print(f"  {m}")))
+                                      progress=update)
         except StepError as exc:
             report = exc.context.get("report")
             if report:
-                render_report(report, console if json else out)
+                render_report(report, show)
                 if json:
                     print_json(report)
             raise
     if dry_run:
+        render_plan(result, show)
         if json:
             print_json(result)
-            return
-        table = Table(title="failover-ec2 plan (dry run: nothing changed)")
-        table.add_column("step")
-        table.add_column("what")
-        table.add_column("state")
-        for row in result["plan"]:
-            table.add_row(row["step"], row["title"], row["state"])
-        out.print(table)
-        out.print(f"candidate: {result['candidate']} {result['preflight']}")
         return
-    render_report(result, console if json else out)
+    render_report(result, show)
     if json:
         print_json(result)
     if result.get("missing_on_target"):
         raise Exit(f"tern: error: {result['missing_on_target']} acknowledged writes are missing", code=1)
 
 
-@task(help={"run": "run id (default: the latest)", "json": "print JSON", "stack": "local (default) or a stack"})
+def render_plan(result, show=out) -> None:
+    table = Table(title="failover-ec2 plan (dry run: nothing changed)")
+    table.add_column("step")
+    table.add_column("what")
+    table.add_column("state")
+    for row in result["plan"]:
+        table.add_row(row["step"], Text(row["title"]), Text(row["state"]))
+    show.print(table)
+    pre = result.get("preflight") or {}
+    if pre.get("preflight_error"):
+        show.print(f"preflight would stop the run now: {pre['preflight_error']}", markup=False)
+    else:
+        detail = f" ({pre['detail']})" if pre.get("detail") else ""
+        show.print(f"candidate: {result['candidate']}{detail}", markup=False)
+
+
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@task(help={"run": "run id (default: the latest of the stack)", "json": "print the report as JSON on stdout",
+            "stack": STACK_HELP})
 @task_errors
 def report(c, run=None, json=False, stack=None):
-    """The report of a run: steps, write-unavailability window, acknowledged writes and those missing."""
-    s = settings(c)
+    """The report of a run: steps, write-unavailability window, acknowledged writes and those missing.
+
+    Runs are kept per stack in <state_dir>/<stack>/runs (state_dir: <repo>/.tern by default), so a
+    rehearsal's report is still there after the sandbox is gone.
+    """
+    stack = parse_name("stack", stack)
+    run = parse_name("run", run)
+    if run is not None and not RUN_ID.match(run):
+        raise ConfigError(f"--run must be a run id such as failover-ec2-20260101T000000-123, got {run!r}")
+    s = stack_settings(settings(c), stack)
     journal = report_mod.load_journal(s.state_dir, run)
     try:
         o = outputs(c, stack)
-    except Exception:  # noqa: BLE001 - the sandbox may be gone: report from the journal alone
+    except Exception:  # noqa: BLE001 - the sandbox may be gone: report from the journal (and the saved report)
         o = None
     data = report_mod.build(journal, o)
+    if o is None:
+        data = report_mod.with_saved_figures(journal, data)
     if json:
         print_json(data)
         return
@@ -111,25 +153,31 @@ def report(c, run=None, json=False, stack=None):
 
 def render_report(r, out=out) -> None:
     table = Table(title=f"{r['kind']} {r['run_id']}: {r['outcome']}")
-    for col in ("step", "outcome", "seconds", "detail"):
+    for col in ("step", "started (UTC)", "outcome", "seconds", "detail"):
         table.add_column(col)
     for st in r["steps"]:
-        table.add_row(st["name"], st["outcome"], "" if st["seconds"] is None else f"{st['seconds']:.2f}",
-                      st["detail"] or "")
+        table.add_row(st["name"], st.get("started_at") or "", st["outcome"],
+                      "" if st["seconds"] is None else f"{st['seconds']:.2f}", Text(st["detail"] or ""))
     out.print(table)
     if r.get("reason"):
-        out.print(f"reason: {r['reason']}")
+        out.print(f"reason: {r['reason']}", markup=False)
+    d = r.get("downtime") or {}
+    if d.get("maintenance_at"):
+        out.print(f"maintenance on at {d['maintenance_at']}; switched at {d.get('switched_at') or 'n/a'}; "
+                  f"app started at {d.get('app_started_at') or 'n/a'}", markup=False)
     w = r.get("write_unavailability")
     if w:
         secs = "n/a" if w["seconds"] is None else f"{w['seconds']:.2f} s"
-        out.print(f"write-unavailability window: {secs} (last acknowledged write on the source to the first on "
-                  f"{w['target']})")
+        out.print(f"write-unavailability window: {secs} (last acknowledged write on the source "
+                  f"{w.get('last_ack_on_source') or 'n/a'} to the first on {w['target']} "
+                  f"{w.get('first_ack_on_target') or 'n/a'})", markup=False)
     if r.get("acknowledged_writes") is not None:
         out.print(f"acknowledged writes: {r['acknowledged_writes']}; missing on {r.get('checked_on')}: "
-                  f"{r['missing_on_target']}")
+                  f"{r['missing_on_target']}", markup=False)
     if r.get("verification"):
         v = r["verification"]
         out.print(f"verification: {'equal' if v['ok'] else 'DIFFERENT'} ({v['tables']} tables, {v['rows']:,} rows, "
                   f"{v['sampled_rows']:,} sampled)")
     for name, why in (r.get("repoint_failures") or {}).items():
-        out.print(f"[yellow]warning: {name}: {why}[/yellow]")
+        out.print(f"warning: {name}: {why}", style="yellow", markup=False)
+

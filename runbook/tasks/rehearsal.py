@@ -9,59 +9,73 @@ from invoke import Exit, task
 
 from .. import status as status_mod
 from ..contract import load
+from ..errors import StepError
 from ..failover.run import failover_ec2
 from ..restore import restore_all
-from .common import console, out, print_json, task_errors
+from .common import (byte_progress, human, parse_float, print_json, progress_status, say, stack_settings,
+                     task_errors)
 from .environment import render
 from .failover import render_report
-from .sandbox import sandbox_for
+from .sandbox import MAX_SCALE, check_shape, sandbox_flags, sandbox_for
+
+MAX_SECONDS = 24 * 3600
 
 
 @task(help={"seconds": "how long the app writes before the migration starts (default 5)",
-            "scale": "data size multiplier", "dataset": "inventory or chinook", "rate": "app commits per second",
-            "keep": "leave the sandbox up afterwards", "json": "print the final report as JSON"})
+            "scale": f"data size multiplier, 1 to {MAX_SCALE}", "dataset": "inventory or chinook",
+            "rate": "app commits per second", "keep": "leave the sandbox up afterwards",
+            "json": "print the final report as JSON on stdout; tables and progress go to stderr"})
 @task_errors
-def rehearse(c, seconds=5.0, scale=None, dataset=None, rate=None, keep=False, json=False):
+def rehearse(c, seconds=None, scale=None, dataset=None, rate=None, keep=False, json=False):
     """The whole migration on the sandbox with the app writing throughout, ending with the report.
 
     Sandbox up -> restore the EC2 replicas from the archive -> catch up -> failover-ec2 ->
     report -> app stopped, ledger checked against the new leader -> sandbox down.
+    The run and its report stay in <state_dir>/local/runs after the sandbox is gone (`invoke report`).
     """
-    seconds = float(seconds)
-    if seconds < 0:
-        raise Exit(f"tern: error: --seconds must be >= 0, got {seconds}", code=2)
-    sb, s = sandbox_for(c, scale=scale, dataset=dataset, app_rate=rate)
+    seconds = parse_float("seconds", seconds, min=0, max=MAX_SECONDS)
+    seconds = 5.0 if seconds is None else seconds
+    sb, s = sandbox_for(c, **sandbox_flags(scale=scale, dataset=dataset, rate=rate))
+    check_shape(s)
+    run_settings = stack_settings(s, "local")
+    show = human(json)
     if sb.exists():
-        console.print("a sandbox is already up: taking it down first")
+        say("a sandbox is already up: taking it down first")
         sb.down(check_ledger=False)
     try:
-        with console.status("building the sandbox") as st:
-            sb.up(replicas=s.replicas, scale=s.scale, dataset=s.dataset, rate=s.app_rate,
-                  progress=lambda m: st.update(m))
-            o = load("local", s.sandbox_dir)
-            st.update("restoring the EC2 replicas from the archive")
-            for name, what in restore_all(o, timeout=s.restore_timeout, connect_timeout=s.connect_timeout).items():
-                console.print(f"{name}: {what}")
-        console.print(f"app writing for {seconds:.0f}s at {s.app_rate:.0f} commits/s")
+        with progress_status("building the sandbox") as update:
+            sb.up(replicas=s.replicas, scale=s.scale, dataset=s.dataset, rate=s.app_rate, progress=update)
+        o = load("local", s.sandbox_dir)
+        with byte_progress("restoring") as progress:
+            restored = restore_all(o, timeout=s.restore_timeout, connect_timeout=s.connect_timeout, progress=progress)
+        for name, what in restored.items():
+            say(f"{name}: {what}")
+        say(f"app writing for {seconds:g}s at {s.app_rate:g} commits/s")
         time.sleep(seconds)
-        render(status_mod.gather(o, timeout=s.connect_timeout))
-        with console.status("failover-ec2") as st:
-            report = failover_ec2(o, s.replace(state_dir=str(sb.root / "runs")), confirm=lambda q: True,
-                                  progress=lambda m: (st.update(m), console.print(f"  {m}")))
-        render_report(report)
-        render(status_mod.gather(o, timeout=s.connect_timeout))
+        render(status_mod.gather(o, timeout=s.connect_timeout), show)
+        with progress_status("failover-ec2", echo=True) as update:
+            try:
+                report = failover_ec2(o, run_settings, confirm=lambda q: True, progress=update)
+            except StepError as exc:
+                report = exc.context.get("report")
+                if report:
+                    render_report(report, show)
+                    if json:
+                        print_json(report)
+                raise
+        render_report(report, show)
+        render(status_mod.gather(o, timeout=s.connect_timeout), show)
         result = sb.check_ledger_after_stop()
         report["final_ledger_check"] = result
-        saved = s.state_dir / "rehearsals"
-        saved.mkdir(parents=True, exist_ok=True)
-        (saved / f"{report['run_id']}.json").write_text(jsonlib.dumps(report, indent=2, default=str))
+        saved = run_settings.state_dir / "runs" / report["run_id"] / "report.json"
+        saved.write_text(jsonlib.dumps(report, indent=2, sort_keys=True, default=str))
     finally:
         if not keep:
             sb.down(check_ledger=False)
     if json:
         print_json(report)
-    out.print(f"ledger check on {result['endpoint']}: {result['acknowledged']} acknowledged writes, "
-              f"{result['missing']} lost, {result['unexplained']} unexplained rows; "
-              f"report saved in {saved}/{report['run_id']}.json")
+    show.print(f"ledger check on {result['endpoint']}: {result['acknowledged']} acknowledged writes, "
+               f"{result['missing']} lost, {result['unexplained']} unexplained rows; report saved in {saved} "
+               f"(`invoke report --run {report['run_id']}`)", markup=False)
     if not result["ok"] or report.get("missing_on_target"):
         raise Exit("tern: error: acknowledged writes are missing", code=1)
