@@ -180,9 +180,11 @@ def progress_status(title: str, *, echo: bool = False) -> Iterator[Callable[[str
 
         yield update
         return
-    with console.status(title) as status:
+    from rich.text import Text
+
+    with console.status(Text(title)) as status:
         def update(message: str) -> None:
-            status.update(message)
+            status.update(Text(redact(message)))
             if echo:
                 say(f"  {message}")
 
