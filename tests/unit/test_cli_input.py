@@ -216,3 +216,25 @@ def test_outputs_prints_only_json(dirs, stack_file):
     res = cli("outputs", "--stack", str(stack_file), env=dirs)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["stack"] == "dev"
+
+
+# -- the README, as typed ---------------------------------------------------------------------------
+def test_readme_failover_steps_are_the_plans():
+    from runbook.failover import ec2
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Failover 1"):readme.index("`invoke report --json` keys")]
+    steps = sorted((int(n), name) for n, name in re.findall(r"(\d+)\. \*\*(\w+)\*\*", section))
+    assert [n for n, _ in steps] == list(range(1, len(steps) + 1)), steps
+    assert [name for _, name in steps] == ec2.STEP_NAMES
+
+
+def test_readme_commands_run_as_typed():
+    readme = (ROOT / "README.md").read_text()
+    assert readme.startswith("# tern\n\n```sh\n./dev rehearse ")
+    assert "\n./dev test " in readme.split("```")[1]
+    blocks = readme.split("```")[1::2]
+    bare = [line for block in blocks for line in block.splitlines() if line.startswith("invoke ")]
+    assert not bare, f"`invoke` is only on PATH inside the virtualenv: {bare}"
+    res = subprocess.run(["./dev", "invoke", "--list"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "failover-ec2" in res.stdout, res.stderr[-1500:]
