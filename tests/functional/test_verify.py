@@ -322,3 +322,69 @@ def test_sample_reaches_the_end_of_a_large_table(fresh):
     assert rows_of(small, "public.big").checked_rows == 300
     slow = fresh.run(mode="sample", tables=["big"], sample_percent=100, sample_timeout=0.001, counts=False)
     assert not slow.ok and "statement timeout" in (rows_of(slow, "public.big").error or "")
+
+
+SECRET = 'Pw"with\\quote and:at@'
+
+
+def _tcp_url(pair, node: str, password: str | None = None) -> str:
+    from urllib.parse import quote
+
+    auth = "verifier" + (":" + quote(password, safe="") if password else "")
+    return f"postgresql://{auth}@127.0.0.1:{pair.nodes[node].port}/verifydb"
+
+
+def test_cli_with_two_urls_needs_no_sandbox_and_never_prints_the_password(fresh, tmp_path, monkeypatch):
+    for node in ("source", "aurora"):
+        with psycopg.connect(fresh.url(node), autocommit=True) as conn:
+            conn.execute("DROP ROLE IF EXISTS verifier")
+            conn.execute(psycopg.sql.SQL("CREATE ROLE verifier LOGIN SUPERUSER PASSWORD {}").format(
+                psycopg.sql.Literal(SECRET)))
+    nowhere = tmp_path / "no-sandbox"     # no sandbox and no stack: the URLs are enough
+    try:
+        def run(*args, **env):
+            for k, v in env.items():
+                monkeypatch.setenv(k, v)
+            res = run_invoke("verify", *args, sandbox_dir=nowhere, state_dir=tmp_path / "state")
+            for k in env:
+                monkeypatch.delenv(k)
+            for stream in (res.stdout, res.stderr):
+                assert SECRET not in stream and "Pw%22with" not in stream and "quote and" not in stream, stream
+                assert "Traceback" not in stream
+            return res
+
+        ok = run("--source", _tcp_url(fresh, "source", SECRET), "--target", _tcp_url(fresh, "aurora", SECRET),
+                 "--tables", "pairs,flags")
+        assert ok.returncode == 0, ok.stderr[-2000:]
+        assert "EQUAL" in ok.stdout
+        # the password from PGPASSWORD, and from a credential reference
+        ok = run("--source", _tcp_url(fresh, "source"), "--target", _tcp_url(fresh, "aurora"), "--mode", "counts",
+                 PGPASSWORD=SECRET)
+        assert ok.returncode == 0, ok.stderr[-2000:]
+        ok = run("--source", _tcp_url(fresh, "source"), "--target", _tcp_url(fresh, "aurora"), "--mode", "schema",
+                 "--source-password", "env:VERIFY_PW", "--target-password", "env:VERIFY_PW", VERIFY_PW=SECRET)
+        assert ok.returncode == 0, ok.stderr[-2000:]
+        # a plaintext value where a reference belongs is refused without being echoed
+        bad = run("--source", _tcp_url(fresh, "source"), "--target", _tcp_url(fresh, "aurora"),
+                  "--source-password", SECRET)
+        assert bad.returncode == 2 and "credential reference" in bad.stderr
+        # a difference: exit 1, named, and the URLs in the output are masked
+        fresh.on_target("UPDATE pairs SET v = 'x' WHERE a = 1 AND b = 1")
+        diff = run("--source", _tcp_url(fresh, "source", SECRET), "--target", _tcp_url(fresh, "aurora", SECRET),
+                   "--tables", "pairs")
+        assert diff.returncode == 1
+        assert "row (a=1, b=1) differs in v" in diff.stdout and "verifier:***@" in diff.stderr + diff.stdout
+        # bad input: exit 2, one line, no traceback
+        src, dst = _tcp_url(fresh, "source", SECRET), _tcp_url(fresh, "aurora", SECRET)
+        for args, words in ((("--jobs", "abc"), "--jobs"), (("--sample-pct", "abc"), "--sample-pct"),
+                            (("--chunk-rows", "0"), "--chunk-rows"), (("--jobs", "0"), "--jobs"),
+                            (("--sample-pct", "0"), "--sample-pct"), (("--mode", "quick"), "mode")):
+            res = run("--source", src, "--target", dst, *args)
+            assert res.returncode == 2, (args, res.stderr)
+            assert words in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        res = run("--source", src.replace(str(fresh.nodes["source"].port), "99999"), "--target", dst)
+        assert res.returncode == 2 and "bad port" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    finally:
+        for node in ("source", "aurora"):
+            with psycopg.connect(fresh.url(node), autocommit=True) as conn:
+                conn.execute("DROP ROLE IF EXISTS verifier")
