@@ -4,20 +4,33 @@ Idempotent: a restored, running standby is left alone; a restored but stopped on
 started; a half-restored one (no marker) is wiped and restored again - it never served.
 Refuses, with nothing changed, when the archive or base backup is missing or the
 PostgreSQL major version differs from the source's.
+
+Every replica is TLS only: its pg_hba.conf (``hba_file``, beside the certificate, outside
+the data directory) admits TCP only as ``hostssl ... scram-sha-256`` (replication too), and
+trusts the local socket only for the database superuser, in a socket directory that is 0700
+and owned by the server's OS user. On AWS the certificate and key are the ones the instance's
+user data made (``infra/replicas.py``: :data:`AWS_TLS_DIR`); in the sandbox (and any other
+``local`` host) restore makes a self-signed one per replica, in ``<data_dir>.tls``. The
+certificates are self-signed: clients use ``sslmode=require`` (:func:`tls_url`), which
+encrypts but does not authenticate the server.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import re
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from . import archive as archive_mod
-from .adapters import app_for, host_for
+from .adapters import HostCommands, app_for, host_for
 from .contract import Outputs, Replica
 from .errors import PreflightError, RunbookError
-from .pg import connect, parse_major
+from .pg import connect, parse_major, with_endpoint
 from .postgres import PgHost, literal
 from .status import replica_host, source_url
 
@@ -26,11 +39,41 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]   # (replica, done bytes, total bytes)
 
 
+# AWS: where infra/replicas.py's user data puts the certificate, its key and the hba (its CONF_DIR)
+AWS_TLS_DIR = "/etc/tern/postgresql"
+
+
+@dataclass(frozen=True)
+class TlsPaths:
+    dir: str
+    cert: str
+    key: str
+    hba: str
+
+
+def tls_paths(replica: Replica) -> TlsPaths:
+    """Where a replica's certificate, key and pg_hba.conf live: outside its data directory, so a
+    rebuild of the data directory (restore again, or a copy of the new leader) keeps them."""
+    d = AWS_TLS_DIR if replica.commands.kind == "ssm" else replica.data_dir.rstrip("/") + ".tls"
+    return TlsPaths(dir=d, cert=f"{d}/server.crt", key=f"{d}/server.key", hba=f"{d}/pg_hba.conf")
+
+
 def standby_settings(replica: Replica, restore_cmd: str) -> dict[str, str | int]:
+    tls = tls_paths(replica)
     return {
         "listen_addresses": replica.host if replica.host in ("127.0.0.1", "localhost") else "*",
         "port": replica.port,
         "unix_socket_directories": replica.socket_dir,
+        "unix_socket_permissions": "0700",
+        # TLS only: TCP matches only hostssl lines of this hba (the data directory's copy is not read)
+        "hba_file": tls.hba,
+        "ssl": "on",
+        "ssl_cert_file": tls.cert,
+        "ssl_key_file": tls.key,
+        "ssl_ca_file": "",                   # not the source's: its files are not on this host
+        "ssl_crl_file": "",
+        "ssl_min_protocol_version": "TLSv1.2",
+        "password_encryption": "scram-sha-256",
         "hot_standby": "on",
         "hot_standby_feedback": "on",
         "archive_mode": "off",               # the replica never writes into Heroku's bucket
@@ -53,13 +96,119 @@ def _conf_lines(settings: dict[str, str | int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-HBA = ("# tern: local socket (directory 0700) for the host's own tools; TCP with passwords\n"
-       "local all all trust\n"
-       "local replication all trust\n"
-       "host all all 127.0.0.1/32 scram-sha-256\n"
-       "host all all 0.0.0.0/0 scram-sha-256\n"
-       "host replication all 127.0.0.1/32 scram-sha-256\n"
-       "host replication all 0.0.0.0/0 scram-sha-256\n")
+def _hba_name(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z0-9_]+", name) else '"' + name.replace('"', '""') + '"'
+
+
+def hba_conf(superuser: str) -> str:
+    """TCP only over TLS with SCRAM (replication too); the socket trusts only the superuser, and
+    its directory is 0700, owned by the server's OS user: nobody else on the host reaches it."""
+    su = _hba_name(superuser)
+    return ("# tern restore: TCP only over TLS with SCRAM; the unix socket's directory is 0700 (server OS user only)\n"
+            f"local    all          {su}    trust\n"
+            f"local    replication  {su}    trust\n"
+            "hostssl  all          all    0.0.0.0/0   scram-sha-256\n"
+            "hostssl  replication  all    0.0.0.0/0   scram-sha-256\n"
+            "hostssl  all          all    ::/0        scram-sha-256\n"
+            "hostssl  replication  all    ::/0        scram-sha-256\n")
+
+
+# A data directory's own pg_hba.conf: inert (standby_settings points hba_file at tls_paths().hba),
+# kept TLS only all the same for callers that write one
+HBA = hba_conf("postgres")
+
+
+def tls_url(url: str) -> str:
+    """``url`` with ``sslmode=require``: a replica refuses TCP without TLS. Its certificate is
+    self-signed, so nothing can verify it: any sslmode/sslrootcert of the source's URL is replaced."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in ("sslmode", "sslrootcert")]
+    query.append(("sslmode", "require"))
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), parts.fragment))
+
+
+def replica_url(url: str, replica: Replica) -> str:
+    """The same URL (role, password, database) pointed at a replica, over TLS."""
+    return tls_url(with_endpoint(url, replica.host, replica.port))
+
+
+def check_tls_files(replica: Replica, host: HostCommands) -> None:
+    """An AWS replica's certificate and key come from its user data: refuse when they are missing."""
+    if replica.commands.kind != "ssm":
+        return
+    tls = tls_paths(replica)
+    if host.run(["sh", "-c", 'test -s "$1" && test -s "$2"', "sh", tls.cert, tls.key], timeout=60,
+                check=False).returncode != 0:
+        raise PreflightError(f"{replica.name}: no TLS certificate and key at {tls.cert} and {tls.key} "
+                             "(the instance's user data makes them: see infra/replicas.py)")
+
+
+def _self_signed(common_name: str) -> tuple[str, str] | None:
+    """(certificate PEM, key PEM) made with ``cryptography`` when it is installed, else None."""
+    try:
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        return None
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    try:
+        alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(common_name))
+    except ValueError:
+        alt = x509.DNSName(common_name)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=3650))
+            .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
+            .sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem
+
+
+def ensure_certificate(replica: Replica, host: HostCommands, *, use_cryptography: bool = True) -> str:
+    """A local replica's self-signed certificate and key (0600, owned by the server's OS user),
+    made once; an AWS replica's must already be there. Returns what was done."""
+    tls = tls_paths(replica)
+    if host.run(["sh", "-c", 'test -s "$1" && test -s "$2"', "sh", tls.cert, tls.key], timeout=60,
+                check=False).returncode == 0:
+        return "kept"
+    check_tls_files(replica, host)   # AWS: refuses
+    host.run(["mkdir", "-p", "-m", "700", tls.dir], timeout=30)
+    made = _self_signed(replica.host) if use_cryptography else None
+    if made is not None:
+        cert, key = made
+        host.write_file(tls.key, key)       # umask 077: mode 0600
+        host.write_file(tls.cert, cert)
+        return "made (cryptography)"
+    host.run(["sh", "-c", 'umask 077 && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes '
+              '-days 3650 -sha256 -subj "/CN=$1" -keyout "$2.tern-tmp" -out "$3" 2>&1 && mv "$2.tern-tmp" "$2"',
+              "sh", replica.host, tls.key, tls.cert], timeout=120)
+    return "made (openssl)"
+
+
+def prepare_socket_dir(replica: Replica, host: HostCommands) -> None:
+    """The socket directory: 0700 and owned by the OS user the server runs as (local trust relies on it)."""
+    # 00700: a numeric mode with a leading zero also clears a directory's setgid bit (GNU chmod)
+    res = host.run(["sh", "-c", 'mkdir -p "$1" && chmod 00700 "$1" && find "$1" -maxdepth 0 -perm 700 -user "$(id -un)"',
+                    "sh", replica.socket_dir], timeout=30, check=False)
+    if res.returncode != 0 or not res.stdout.strip():
+        raise PreflightError(f"{replica.name}: socket directory {replica.socket_dir} must be mode 0700 and owned by "
+                             f"the server's OS user {(res.stderr or '').strip()[-200:]}")
+
+
+def prepare_tls(replica: Replica, host: HostCommands, superuser: str) -> str:
+    """Everything :func:`standby_settings` points at, outside the data directory: the 0700 socket
+    directory, the certificate and key, the TLS-only hba. Returns what became of the certificate."""
+    prepare_socket_dir(replica, host)
+    certificate = ensure_certificate(replica, host)
+    host.write_file(tls_paths(replica).hba, hba_conf(superuser))
+    return certificate
 
 
 def source_identity(outputs: Outputs, timeout: float) -> dict[str, object]:
@@ -96,11 +245,11 @@ def restore_replica(outputs: Outputs, replica: Replica, *, timeout: float, ident
     pg.stop(mode="immediate", timeout=30) if pg.has_data() and pg.is_running() else None
     host.run(["rm", "-rf", replica.data_dir], timeout=300)
     host.run(["mkdir", "-p", "-m", "700", replica.data_dir], timeout=30)
-    host.run(["mkdir", "-p", "-m", "700", replica.socket_dir], timeout=30)
+    certificate = prepare_tls(replica, host, str(identity["superuser"]))
     _fetch(pg, outputs, backup, progress, timeout)
     host.write_file(f"{replica.data_dir}/postgresql.auto.conf",
                     _conf_lines(standby_settings(replica, archive_mod.restore_command(outputs.source.archive))))
-    host.write_file(f"{replica.data_dir}/pg_hba.conf", HBA)
+    host.write_file(f"{replica.data_dir}/pg_hba.conf", hba_conf(str(identity["superuser"])))  # inert (hba_file)
     host.write_file(f"{replica.data_dir}/standby.signal", "")
     pg.log_file = replica.data_dir.rstrip("/") + ".log"
     pg.superuser = str(identity["superuser"])
@@ -110,7 +259,8 @@ def restore_replica(outputs: Outputs, replica: Replica, *, timeout: float, ident
         raise RunbookError(f"{replica.name}: restored server is not in recovery")
     pg.write_marker({"restored_from": backup.name, "superuser": identity["superuser"],
                      "system_identifier": identity["system_identifier"], "restored_at": time.time(),
-                     "log_file": pg.log_file})
+                     "log_file": pg.log_file, "tls_dir": tls_paths(replica).dir})
+    log.info("%s: TLS only; certificate %s", replica.name, certificate)
     return f"restored from {backup.name}"
 
 
@@ -147,5 +297,6 @@ def restore_all(outputs: Outputs, *, timeout: float, connect_timeout: float,
         pg = replica_host(r)
         if not (pg.read_marker().get("restored_from") and pg.has_data()):
             archive_mod.find_base_backup(outputs.source.archive, host_for(r))
+            check_tls_files(r, pg.host)
     return {r.name: restore_replica(outputs, r, timeout=timeout, identity=identity, progress=progress)
             for r in outputs.replicas}

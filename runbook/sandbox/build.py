@@ -34,11 +34,35 @@ APP_ROLE = "app"
 SANDBOX_SUPERUSER = "postgres"   # Heroku's own operator role: the runbook never uses it on the source
 AURORA_MASTER = "tern_master"
 DATASETS = ("inventory", "chinook")
+# Heroku's databases use en_US.UTF-8 (a glibc collation with a version the collation check compares);
+# without it (a laptop that has not generated it) the sandbox falls back to C.UTF-8, which has none
+LOCALE = "en_US.UTF-8"
+FALLBACK_LOCALE = "C.UTF-8"
 
 ARCHIVE_COMMAND = (
     "d={arch}/wal; if [ -f $d/%f ]; then cmp -s %p $d/%f; "
     "else cp %p $d/.%f.tmp && sync $d/.%f.tmp && mv $d/.%f.tmp $d/%f; fi"
 )
+
+
+def have_locale(name: str) -> bool:
+    """Whether ``locale -a`` lists ``name`` (en_US.UTF-8 is listed as en_US.utf8 by glibc)."""
+    def norm(x: str) -> str:
+        return x.strip().lower().replace("-", "")
+
+    try:
+        out = subprocess.run(["locale", "-a"], capture_output=True, text=True, check=False, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return norm(name) in {norm(line) for line in out.splitlines()}
+
+
+def sandbox_locale() -> str:
+    if have_locale(LOCALE):
+        return LOCALE
+    log.warning("the %s locale is missing (run ./dev setup, or generate it: Debian `locale-gen`): the sandbox uses %s, "
+                "so the collation check sees no collation version", LOCALE, FALLBACK_LOCALE)
+    return FALLBACK_LOCALE
 
 
 def _free_ports(count: int, start: int | None = None) -> list[int]:
@@ -134,6 +158,7 @@ class Sandbox:
         ports = _free_ports(len(names))
         state = {
             "bin_dir": str(bin_dir), "pg_major": major, "dataset": dataset, "scale": scale,
+            "locale": sandbox_locale(),
             "os_user": self.os_user, "created_at": time.time(),
             "nodes": {n: {"port": p, "kind": "source" if n == "source" else "aurora" if n == "aurora" else "ec2"}
                       for n, p in zip(names, ports)},
@@ -176,7 +201,8 @@ class Sandbox:
 
     def _init_cluster(self, pg: PgHost, conf: dict[str, Any], hba: str, state: dict[str, Any]) -> None:
         pg.host.run([f"{pg.bin_dir}/initdb", "-D", pg.data_dir, "-U", SANDBOX_SUPERUSER, "-A", "trust",
-                     "--encoding", "UTF8", "--locale", "C.UTF-8", "--data-checksums"], timeout=120)
+                     "--encoding", "UTF8", "--locale", state.get("locale", FALLBACK_LOCALE), "--data-checksums"],
+                    timeout=120)
         lines = [f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}" for k, v in conf.items()]
         lines = [ln.replace('"', "'") for ln in lines]
         pg.host.run(["sh", "-c", 'cat >> "$1/postgresql.conf"', "sh", pg.data_dir],

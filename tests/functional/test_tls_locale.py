@@ -1,0 +1,186 @@
+"""The EC2 replicas are TLS only after restore; the sandbox's source has a real glibc collation.
+
+One sandbox for the module, in file order: restore, TLS checks, the collation check (with a
+faked recorded version, undone afterwards), then hop 1 with the app reaching the new leader over TLS.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shutil
+import stat
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from runbook.adapters import app_for
+from runbook.adapters.local_host import LocalHost, effective_os_user
+from runbook.contract import Replica, load
+from runbook.errors import PreflightError
+from runbook.failover import ec2
+from runbook.failover.context import Context
+from runbook.failover.run import failover_ec2
+from runbook.journal import Journal
+from runbook.pg import with_endpoint
+from runbook.postgres import literal
+from runbook.restore import ensure_certificate, restore_all, tls_paths, tls_url
+from runbook.sandbox import Sandbox
+from runbook.sandbox.build import LOCALE, have_locale
+from runbook.settings import Settings
+from tests.conftest import make_root
+
+pytestmark = pytest.mark.functional
+
+
+class Env:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.sb = Sandbox(root / "sandbox")
+        self.sb.up(replicas=2, scale=1, rate=50)
+        self.outputs = load("local", self.sb.root)
+        self.settings = Settings(sandbox_dir=self.sb.root, state_dir=root / "state", catchup_timeout=30,
+                                 repoint_timeout=30)
+        restore_all(self.outputs, timeout=120, connect_timeout=5)
+        time.sleep(1.5)
+
+    def app_url(self) -> str:
+        return self.sb.app().config_var("TERN_SOURCE_DATABASE_URL") or self.sb.app().config_var("DATABASE_URL")
+
+    def url_to(self, name: str) -> str:
+        r = self.outputs.replica(name)
+        return with_endpoint(self.app_url(), r.host, r.port)
+
+    def context(self) -> Context:
+        journal = Journal(Path("/dev/null"), "dry-run", ec2.KIND)   # as run.py's dry run builds it
+        return Context(self.outputs, self.settings, app_for(self.outputs.app), journal, data={})
+
+
+@pytest.fixture(scope="module")
+def env():
+    root = make_root()
+    e = Env(root)
+    yield e
+    e.sb.down(check_ledger=False)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _os_uid() -> int:
+    return pwd.getpwnam(effective_os_user("postgres")).pw_uid
+
+
+def test_restored_replicas_take_tcp_only_over_tls(env):
+    for r in env.outputs.replicas:
+        # without TLS: no pg_hba.conf line matches, refused
+        with pytest.raises(psycopg.OperationalError, match="no pg_hba.conf entry .*no encryption"):
+            psycopg.connect(env.url_to(r.name), sslmode="disable", connect_timeout=5).close()
+        # over TLS (require: the certificate is self-signed, nothing can verify it)
+        with psycopg.connect(tls_url(env.url_to(r.name)), connect_timeout=5) as conn:
+            assert conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()[0] is True
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone()[0] is True
+        # the server reads the hba beside its certificate; it and the data directory's copy are TLS only
+        pg = env.sb.node(r.name)
+        hba_file = pg.query_one("SELECT current_setting('hba_file') AS f")["f"]
+        assert hba_file == tls_paths(r).hba
+        for path in (hba_file, f"{r.data_dir}/pg_hba.conf"):
+            lines = [ln.split() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+            assert lines and not [ln for ln in lines if ln[0] not in ("local", "hostssl")], path
+            assert all(ln[-1] == "scram-sha-256" for ln in lines if ln[0] == "hostssl"), path
+            assert {ln[2] for ln in lines if ln[0] == "local"} == {"postgres"}, path
+        rules = pg.query("SELECT type, user_name, auth_method FROM pg_hba_file_rules")
+        assert {x["type"] for x in rules} == {"local", "hostssl"}
+        assert all(x["user_name"] == ["postgres"] for x in rules if x["type"] == "local")
+        settings = pg.query_one("SELECT current_setting('ssl') AS ssl, current_setting('ssl_key_file') AS key, "
+                                "current_setting('unix_socket_permissions') AS perms")
+        assert settings["ssl"] == "on" and settings["perms"] == "0700"
+        # the key: 0600, the server's OS user's; the socket directory: 0700, the server's OS user's
+        key = os.stat(settings["key"])
+        assert settings["key"] == tls_paths(r).key and stat.S_IMODE(key.st_mode) == 0o600 and key.st_uid == _os_uid()
+        sock = os.stat(r.socket_dir)
+        assert stat.S_IMODE(sock.st_mode) == 0o700 and sock.st_uid == _os_uid()
+    # the app on the source is untouched: still plain TCP there (Heroku's stand-in)
+    with psycopg.connect(env.app_url(), connect_timeout=5) as conn:
+        conn.execute("SELECT 1")
+
+
+def test_certificate_without_cryptography_is_made_with_openssl():
+    root = make_root()
+    if os.geteuid() == 0:
+        os.chown(root, _os_uid(), -1)
+    try:
+        fake = Replica(name="ec2-z", availability_zone="us-east-1a", host="127.0.0.1", port=5432, database="app",
+                       data_dir=str(root / "data"), bin_dir="/usr/bin", socket_dir=str(root / "run"),
+                       commands={"kind": "local", "os_user": "postgres"})
+        host = LocalHost("ec2-z", "postgres")
+        assert ensure_certificate(fake, host, use_cryptography=False) == "made (openssl)"
+        key = os.stat(tls_paths(fake).key)
+        assert stat.S_IMODE(key.st_mode) == 0o600 and key.st_uid == _os_uid()
+        assert "BEGIN CERTIFICATE" in Path(tls_paths(fake).cert).read_text()
+        assert ensure_certificate(fake, host) == "kept"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _wait_replayed(env, name: str, want: str | None, timeout: float = 60) -> None:
+    pg = env.sb.node(name)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = pg.query_one("SELECT datcollversion AS v FROM pg_database WHERE datname = 'app'")
+        if row["v"] == want:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{name} did not replay datcollversion {want!r}: {row}")
+
+
+def test_collation_check_sees_a_real_version_and_refuses_a_recorded_one_that_differs(env):
+    assert have_locale(LOCALE), "run ./dev setup: it generates the en_US.UTF-8 locale"
+    source = env.sb.node("source")
+    row = source.query_one("SELECT datcollate, pg_database_collation_actual_version(oid) AS v, datcollversion AS rec "
+                           "FROM pg_database WHERE datname = 'app'")
+    assert row["datcollate"] == LOCALE and row["v"], row
+    real = row["v"]
+    # preflight (as the dry run shows it) names that version
+    dry = failover_ec2(env.outputs, env.settings, dry_run=True, confirm=lambda q: True)
+    detail = dry["preflight"].get("detail", dry["preflight"])
+    assert f"collation version {real} matches" in str(detail), dry
+    assert "None" not in str(detail)
+    # a candidate whose recorded collation version differs from the library's is refused
+    candidate = dry["candidate"]
+    source.psql("UPDATE pg_database SET datcollversion = '0.0' WHERE datname = 'app'; SELECT pg_switch_wal();")
+    try:
+        for r in env.outputs.replicas:
+            _wait_replayed(env, r.name, "0.0")
+        with pytest.raises(PreflightError, match=r"recorded 0\.0"):
+            ec2.check_collation(env.context(), candidate)
+    finally:
+        source.psql(f"UPDATE pg_database SET datcollversion = {literal(row['rec'])} WHERE datname = 'app'; "
+                    "SELECT pg_switch_wal();")
+        for r in env.outputs.replicas:
+            _wait_replayed(env, r.name, row["rec"])
+    assert re.match(rf"collation version {re.escape(real)} matches", ec2.check_collation(env.context(), candidate))
+
+
+def test_hop1_app_reaches_the_new_leader_over_tls(env):
+    report = failover_ec2(env.outputs, env.settings, confirm=lambda q: True)
+    assert report["outcome"] == "completed", report
+    leader = env.outputs.replica(report["new_leader"])
+    url = env.sb.app().config_var("DATABASE_URL")
+    assert f":{leader.port}/" in url
+    pg = env.sb.node(leader.name)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        rows = pg.query("SELECT s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) "
+                        "WHERE a.usename = 'app' AND a.client_addr IS NOT NULL")
+        if rows:
+            break
+        time.sleep(0.2)
+    assert rows and all(x["ssl"] for x in rows), rows
+    # no TCP session of anyone on the leader is without TLS (replication from the other replica included)
+    plain = pg.query("SELECT a.usename, a.application_name FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) "
+                     "WHERE a.client_addr IS NOT NULL AND NOT s.ssl")
+    assert plain == []
+    result = env.sb.check_ledger_after_stop()
+    assert result["acknowledged"] > 0 and result["missing"] == 0, result
