@@ -46,7 +46,8 @@ class Settings:
     catchup_timeout: float = 120.0
     stop_app_timeout: float = 30.0
     promote_timeout: float = 60.0
-    repoint_timeout: float = 60.0
+    # sized for SSM: each look at a replica is a command that takes seconds to come back
+    repoint_timeout: float = 120.0
     smoke_timeout: float = 30.0
     poll_interval: float = 0.05
 
@@ -56,6 +57,11 @@ class Settings:
     # fill: complete the WAL segment with pg_logical_emit_message (tern's way);
     # archive_timeout: wait for the source to archive it on its own (the naive baseline)
     flush_mode: str = "fill"
+    # the most WAL the new leader keeps for a replica's slot (PostgreSQL size; -1: unbounded). A
+    # replica that falls further behind loses its slot and must be rebuilt, instead of filling the
+    # leader's disk. It must fit in the leader's free WAL space on top of wal_keep_size (2GB); 8GB
+    # covers a replica down or rebuilding for an hour at ~2 MB/s of WAL.
+    max_slot_wal_keep_size: str = "8GB"
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -149,6 +155,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "poll_interval": _POSITIVE,
     "sample_percent": (lambda v: _finite(v) and 0 < v <= 100, "a percentage in (0, 100]"),
     "flush_mode": (lambda v: v in FLUSH_MODES, "one of " + ", ".join(FLUSH_MODES)),
+    "max_slot_wal_keep_size": (lambda v: re.fullmatch(r"-1|\d+\s*(kB|MB|GB|TB)?", str(v)) is not None,
+                               "a PostgreSQL size such as 8GB (or -1)"),
 }
 
 

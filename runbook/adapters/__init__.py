@@ -55,6 +55,32 @@ class HostCommands(ABC):
     def exists(self, path: str, *, timeout: float = 30.0) -> bool:
         return self.run(["test", "-e", path], timeout=timeout, check=False).returncode == 0
 
+    @abstractmethod
+    def write_file_from_secret(self, path: str, prefix: str, reference: str, *, timeout: float = 60.0) -> None:
+        """Write ``prefix`` + the secret named by ``reference`` + a newline to ``path`` (mode 0600).
+
+        The secret's value must not be logged nor, where the channel keeps a history of what it
+        sends (SSM), travel in the command: an implementation that can fetch it on the host does.
+        """
+
+    def read_file_from(self, path: str, offset: int, *, limit: int = 16384,
+                       timeout: float = 30.0) -> tuple[str, int]:
+        """What was appended to ``path`` since byte ``offset`` (at most ``limit`` bytes, the newest:
+        SSM returns at most 24,000 characters of output),
+        and the file's size now: the offset to pass next time (``limit=0``: only the size). A file
+        shorter than ``offset`` was truncated or rotated: it is read from its start. A missing file
+        reads as empty, size 0."""
+        script = ('[ -f "$1" ] || exit 3; size=$(($(wc -c < "$1"))); start=$2; [ "$size" -lt "$start" ] && start=0; '
+                  'echo "$size"; [ "$3" -eq 0 ] || tail -c +"$((start + 1))" "$1" | tail -c "$3"')
+        res = self.run(["sh", "-c", script, "sh", path, str(max(0, int(offset))), str(int(limit))],
+                       timeout=timeout, check=False)
+        if res.returncode == 3:
+            return "", 0
+        if res.returncode != 0:
+            raise CommandError(f"{self.name}: cannot read {path}: {redact(res.stderr.strip())[-300:]}")
+        size, _, text = res.stdout.partition("\n")
+        return text, int(size.strip())
+
     @staticmethod
     def describe(argv: Sequence[str]) -> str:
         return redact(shlex.join(argv))

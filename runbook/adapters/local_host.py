@@ -57,3 +57,9 @@ class LocalHost(HostCommands):
             tail = redact((proc.stderr or proc.stdout).strip())[-500:]
             raise CommandError(f"{self.name}: `{self.describe(argv)}` exited {proc.returncode}: {tail}")
         return result
+
+    def write_file_from_secret(self, path: str, prefix: str, reference: str, *, timeout: float = 60.0) -> None:
+        """The secret is resolved here (a local host has no channel history) and piped through stdin."""
+        from ..secrets import resolve
+
+        self.write_file(path, f"{prefix}{resolve(reference)}\n", timeout=timeout)

@@ -78,3 +78,23 @@ class SsmHost(HostCommands):
             tail = redact((result.stderr or result.stdout).strip())[-500:]
             raise CommandError(f"{self.name}: `{what}` exited {code} ({status}): {tail}")
         return result
+
+    # the host fetches the secret with its instance role; the value never enters the SSM command
+    SECRET_SCRIPT = ('umask 077; region=$(printf %s "$1" | cut -d: -f4); '
+                     'v=$(aws secretsmanager get-secret-value ${region:+--region "$region"} --secret-id "$1" '
+                     '--query SecretString --output text) && if [ -n "$2" ]; then v=$(printf %s "$v" | python3 -c '
+                     '"import json,sys; print(json.load(sys.stdin)[sys.argv[1]])" "$2"); fi && '
+                     'printf "%s%s\\n" "$3" "$v" > "$4.tern-tmp" && mv "$4.tern-tmp" "$4"')
+
+    def write_file_from_secret(self, path: str, prefix: str, reference: str, *, timeout: float = 60.0) -> None:
+        """An ``aws-secretsmanager:ARN[#key]`` secret is read on the host (SSM keeps command history,
+        so the value must not travel in the command; the instance role may read that secret).
+        Any other reference is resolved here and piped in, as :meth:`write_file` does."""
+        scheme, _, rest = reference.partition(":")
+        if scheme == "aws-secretsmanager":
+            arn, _, key = rest.partition("#")
+            self.run(["sh", "-c", self.SECRET_SCRIPT, "sh", arn, key, prefix, path], timeout=timeout)
+            return
+        from ..secrets import resolve
+
+        self.write_file(path, f"{prefix}{resolve(reference)}\n", timeout=timeout)

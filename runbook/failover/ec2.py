@@ -22,8 +22,9 @@ The plan, in order (each a :class:`~runbook.steps.Step`):
 11. ``start_app``: web out of maintenance, then the workers back.
 12. ``smoke_test``: one write and one read through the app on the new leader.
 13. ``repoint``: the other replicas stream from the new leader (slot, replication role), or
-    are rebuilt from it when they cannot follow the new timeline. It runs after the app is
-    back because it does not concern the app: it stays out of the downtime.
+    are rebuilt from it when they provably cannot follow the new timeline (never on a timer;
+    see :mod:`runbook.failover.repoint`); one not following fails the step. It runs after the
+    app is back because it does not concern the app: it stays out of the downtime.
 
 Any failure before ``promote`` falls back: the source is unfenced and the app restarted on it.
 """
@@ -37,16 +38,15 @@ import psycopg
 
 from ..adapters.snapshots import snapshots_for
 from ..errors import DatabaseError, PreflightError, RunbookError, StepError, TimeoutExpired, VerificationError
-from ..pg import connect, lsn_to_int, scram_verifier, url_endpoint, url_user
+from ..pg import connect, lsn_to_int, url_endpoint, url_user
 from ..postgres import literal
-from ..secrets import resolve
 from ..status import TIMELINE_SQL, replica_status
 from ..steps import Step
 from ..verify import gate
 from .context import Context
+from .repoint import repoint
 
 KIND = "failover-ec2"
-REPLICATION_ROLE = "tern_replicator"
 
 
 # -- 1. preflight ---------------------------------------------------------------------
@@ -396,98 +396,7 @@ def verify_promoted(ctx: Context) -> None:
         conn.execute("SELECT txid_current()")
 
 
-# -- 9. repoint --------------------------------------------------------------------------
-def repoint(ctx: Context) -> dict[str, Any]:
-    leader_name = ctx.data["candidate"]
-    leader = ctx.replica(leader_name)
-    lpg = ctx.pg(leader_name)
-    password = resolve(ctx.outputs.credentials.replication_password)
-    exists = lpg.query(f"SELECT 1 FROM pg_roles WHERE rolname = {literal(REPLICATION_ROLE)}")
-    verb = "ALTER" if exists else "CREATE"
-    # only the SCRAM verifier travels to the leader: never the password itself
-    lpg.psql(f"{verb} ROLE {REPLICATION_ROLE} LOGIN REPLICATION PASSWORD {literal(scram_verifier(password))}")
-    results: dict[str, str] = {}
-    for name in ctx.data["others"]:
-        try:
-            results[name] = repoint_one(ctx, name, leader, lpg, password)
-        except RunbookError as exc:
-            results[name] = f"NOT following: {exc}"
-    failures = {n: r for n, r in results.items() if r.startswith("NOT")}
-    return {"repoint": results, "repoint_failures": failures,
-            "detail": "; ".join(f"{n}: {r}" for n, r in results.items()) or "no other replica"}
-
-
-def repoint_one(ctx: Context, name: str, leader, lpg, password: str) -> str:
-    slot = f"tern_{name.replace('-', '_')}"
-    if not lpg.query(f"SELECT 1 FROM pg_replication_slots WHERE slot_name = {literal(slot)}"):
-        lpg.psql(f"SELECT pg_create_physical_replication_slot({literal(slot)}, true)")
-    r = ctx.replica(name)
-    pg = ctx.pg(name)
-    passfile = r.data_dir.rstrip("/") + ".pgpass"
-    write_passfile(ctx, pg, passfile, f"{leader.host}:{leader.port}:*:{REPLICATION_ROLE}:", password)
-    conninfo = (f"host={leader.host} port={leader.port} user={REPLICATION_ROLE} passfile={passfile} "
-                f"application_name={name}")
-    want = ctx.data.get("leader_timeline") or lpg.query_one(
-        "SELECT timeline_id FROM pg_control_checkpoint()")["timeline_id"]
-    if pg.has_data():
-        if not pg.is_running():
-            pg.start(timeout=60)
-        pg.psql(f"ALTER SYSTEM SET primary_conninfo = {literal(conninfo)};\n"
-                f"ALTER SYSTEM SET primary_slot_name = {literal(slot)};\n"
-                "SELECT pg_reload_conf();")
-        try:
-            return wait_streaming(ctx, pg, leader, slot, want, timeout=min(3.0, ctx.settings.repoint_timeout))
-        except TimeoutExpired as exc:
-            # It read WAL of the old timeline past the fork (the archive's last segment ends inside a
-            # record the new leader never replayed): it cannot follow. Rebuild it from the new leader.
-            ctx.say(f"{name} cannot follow timeline {want} ({exc}); rebuilding it from {leader.name}")
-    rebuild_from_leader(ctx, name, leader, conninfo, slot, passfile)
-    return "rebuilt from the new leader; " + wait_streaming(ctx, pg, leader, slot, want,
-                                                            timeout=ctx.settings.repoint_timeout)
-
-
-def write_passfile(ctx: Context, pg, path: str, prefix: str, password: str) -> None:
-    """A libpq passfile on the replica's host. Over SSM the password must not travel in the command
-    (SSM keeps command history): the host reads it from Secrets Manager with its instance role."""
-    ref = ctx.outputs.credentials.replication_password
-    if pg.host.__class__.__name__ == "SsmHost" and ref.startswith("aws-secretsmanager:"):
-        arn, _, key = ref.partition(":")[2].partition("#")
-        script = ('umask 077; v=$(aws secretsmanager get-secret-value --secret-id "$1" --query SecretString '
-                  '--output text) && if [ -n "$2" ]; then v=$(printf %s "$v" | python3 -c '
-                  '"import json,sys; print(json.load(sys.stdin)[sys.argv[1]])" "$2"); fi && '
-                  'printf "%s%s\\n" "$3" "$v" > "$4.tern-tmp" && mv "$4.tern-tmp" "$4"')
-        pg.host.run(["sh", "-c", script, "sh", arn, key, prefix, path], timeout=60)
-        return
-    pg.host.write_file(path, f"{prefix}{password}\n")
-
-
-def wait_streaming(ctx: Context, pg, leader, slot: str, want: int, *, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pg.query("SELECT status, received_tli FROM pg_stat_wal_receiver")
-        if last and last[0]["status"] == "streaming" and last[0]["received_tli"] >= want:
-            return f"streaming from {leader.name} on timeline {last[0]['received_tli']} (slot {slot})"
-        time.sleep(0.1)
-    raise TimeoutExpired(f"not streaming on timeline {want} after {timeout:.0f}s (wal receiver: {last})")
-
-
-def rebuild_from_leader(ctx: Context, name: str, leader, conninfo: str, slot: str, passfile: str) -> None:
-    from ..restore import HBA, _conf_lines, standby_settings
-
-    r = ctx.replica(name)
-    pg = ctx.pg(name)
-    pg.stop(mode="immediate", timeout=60)
-    pg.host.run(["rm", "-rf", r.data_dir], timeout=600)
-    pg.host.run(["env", f"PGPASSFILE={passfile}", f"{r.bin_dir}/pg_basebackup", "-h", leader.host,
-                 "-p", str(leader.port), "-U", REPLICATION_ROLE, "-D", r.data_dir, "-X", "stream",
-                 "-c", "fast", "--no-password"], timeout=ctx.settings.restore_timeout)
-    conf = standby_settings(r, "")
-    conf.update(primary_conninfo=conninfo, primary_slot_name=slot)
-    pg.host.write_file(f"{r.data_dir}/postgresql.auto.conf", _conf_lines(conf))
-    pg.host.write_file(f"{r.data_dir}/pg_hba.conf", HBA)
-    pg.host.write_file(f"{r.data_dir}/standby.signal", "")
-    pg.start(timeout=ctx.settings.restore_timeout)
+# -- 9. repoint: runbook/failover/repoint.py (imported above; the next plan imports it too) --
 
 
 # -- 10-12. switch, start, smoke test -----------------------------------------------------

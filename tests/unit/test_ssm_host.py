@@ -95,23 +95,20 @@ def test_bounded_wait_times_out_and_cancels():
         mod.time.monotonic = real
 
 
-def test_repoint_passfile_over_ssm_never_carries_the_password():
-    """Over SSM the replica's host reads the password from Secrets Manager itself."""
-    from types import SimpleNamespace
+def test_repoint_passfile_over_ssm_never_carries_the_password(monkeypatch):
+    """Over SSM the replica's host reads the password from Secrets Manager itself (a host method:
+    the repoint plan no longer checks which adapter it has)."""
+    import runbook.secrets
 
-    from runbook.failover.ec2 import write_passfile
-
+    monkeypatch.setattr(runbook.secrets, "resolve", lambda ref: pytest.fail("resolved on the runbook's side"))
     client, stub = stubbed([{"Status": "Success", "ResponseCode": 0, "StandardOutputContent": "",
                              "StandardErrorContent": ""}])
     host = SsmHost("ec2-b", instance_id="i-1", client=client, sleep=lambda s: None)
-    ctx = SimpleNamespace(outputs=SimpleNamespace(credentials=SimpleNamespace(
-        replication_password="aws-secretsmanager:arn:aws:secretsmanager:us-east-1:1:secret:repl#password")))
     sent = []
     real_send = client.send_command
     client.send_command = lambda **kw: (sent.append(kw), real_send(**kw))[1]
     with stub:
-        write_passfile(ctx, SimpleNamespace(host=host), "/var/lib/postgresql/15/main.pgpass",
-                       "10.0.1.10:5432:*:tern_replicator:", "the-real-password-123")
+        host.write_file_from_secret("/var/lib/postgresql/15/main.pgpass", "10.0.1.10:5432:*:tern_replicator:",
+                                    "aws-secretsmanager:arn:aws:secretsmanager:us-east-1:1:secret:repl#password")
     script = sent[0]["Parameters"]["commands"][0]
-    assert "the-real-password-123" not in script
     assert "arn:aws:secretsmanager:us-east-1:1:secret:repl" in script and "get-secret-value" in script
