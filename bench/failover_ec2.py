@@ -6,7 +6,11 @@ with the naive flush that waits for the source's archive_timeout (60 s, Heroku-f
 Prints each run's window (last acknowledged write on the source to the first on the new
 leader, from the app's ledger), lost writes, then median and max of each mode.
 
-    .venv/bin/python bench/failover_ec2.py [--runs 5] [--naive-runs 2] [--rate 200]
+With ``--scales 1,300`` the fill mode runs at each sandbox scale (scale 300 is about 5 GB) and
+the medians are compared: the window must not grow with the database (goal: the larger
+median within 20 % of the smaller, both under 2 s). The naive baseline runs at the first scale.
+
+    .venv/bin/python bench/failover_ec2.py [--runs 5] [--naive-runs 2] [--rate 200] [--scales 1,300]
 """
 
 from __future__ import annotations
@@ -28,14 +32,21 @@ from runbook.sandbox import Sandbox  # noqa: E402
 from runbook.settings import Settings  # noqa: E402
 
 
-def one_run(mode: str, rate: float, warmup: float) -> dict:
+def database_size(sb: Sandbox) -> int:
+    return int(sb.node("source").query_one("SELECT pg_database_size('app') AS s")["s"])
+
+
+def one_run(mode: str, rate: float, warmup: float, scale: int = 1) -> dict:
     root = Path(tempfile.mkdtemp(prefix="tern-bench-", dir="/tmp"))
     root.chmod(0o755)
     sb = Sandbox(root / "sandbox")
     try:
-        sb.up(replicas=2, scale=1, rate=rate)
+        t_build = time.monotonic()
+        sb.up(replicas=2, scale=scale, rate=rate)
         outputs = load("local", sb.root)
-        restore_all(outputs, timeout=300, connect_timeout=5)
+        restore_all(outputs, timeout=3600, connect_timeout=5)
+        size = database_size(sb)
+        build = time.monotonic() - t_build
         time.sleep(warmup)
         settings = Settings(sandbox_dir=sb.root, state_dir=root / "state", flush_mode=mode, catchup_timeout=120)
         t0 = time.monotonic()
@@ -43,8 +54,12 @@ def one_run(mode: str, rate: float, warmup: float) -> dict:
         elapsed = time.monotonic() - t0
         final = sb.check_ledger_after_stop()
         window = report["write_unavailability"]["seconds"]
-        return {"mode": mode, "window": window, "lost": final["missing"] + (report["missing_on_target"] or 0),
-                "acknowledged": final["acknowledged"], "catchup": report["catchup_seconds"], "elapsed": elapsed}
+        full = report.get("verification_full") or {}
+        return {"mode": mode, "scale": scale, "size": size, "build": build, "window": window,
+                "lost": final["missing"] + (report["missing_on_target"] or 0),
+                "acknowledged": final["acknowledged"], "catchup": report["catchup_seconds"], "elapsed": elapsed,
+                "gate": next((st["seconds"] for st in report["steps"] if st["name"] == "verify"), None),
+                "full": full.get("seconds")}
     finally:
         sb.down(check_ledger=False)
         shutil.rmtree(root, ignore_errors=True)
@@ -56,28 +71,38 @@ def main() -> int:
     p.add_argument("--naive-runs", type=int, default=2)
     p.add_argument("--rate", type=float, default=200)
     p.add_argument("--warmup", type=float, default=5)
+    p.add_argument("--scales", default="1", help="comma-separated sandbox scales for the fill mode (300 ~ 5 GB)")
     a = p.parse_args()
+    scales = [int(x) for x in a.scales.split(",") if x.strip()]
     results = []
-    for mode, n in (("fill", a.runs), ("archive_timeout", a.naive_runs)):
+    plan = [("fill", scale, a.runs) for scale in scales] + [("archive_timeout", scales[0], a.naive_runs)]
+    for mode, scale, n in plan:
         for i in range(n):
-            r = one_run(mode, a.rate, a.warmup)
+            r = one_run(mode, a.rate, a.warmup, scale)
             results.append(r)
-            print(f"{mode:16s} run {i + 1}: window {r['window']:.2f} s, catch-up {r['catchup']:.2f} s, "
+            print(f"{mode:16s} scale {scale:4d} ({r['size'] / 2**30:5.2f} GiB, built in {r['build']:.0f} s) "
+                  f"run {i + 1}: window {r['window']:.2f} s, catch-up {r['catchup']:.2f} s, in-window gate "
+                  f"{r['gate']:.2f} s, full verification after the switch {r['full'] or 0:.1f} s, "
                   f"lost {r['lost']} of {r['acknowledged']} acknowledged", flush=True)
     print()
-    print(f"{'flush':16s} {'runs':>4s} {'median s':>9s} {'max s':>7s} {'lost':>5s}")
-    summary = {}
-    for mode in ("fill", "archive_timeout"):
-        rs = [r for r in results if r["mode"] == mode]
-        if not rs:
+    print(f"{'flush':16s} {'scale':>5s} {'GiB':>6s} {'runs':>4s} {'median s':>9s} {'max s':>7s} {'lost':>5s}")
+    medians: dict[tuple[str, int], float] = {}
+    for mode, scale, _ in plan:
+        rs = [r for r in results if r["mode"] == mode and r["scale"] == scale]
+        if not rs or (mode, scale) in medians:
             continue
         windows = [r["window"] for r in rs]
-        summary[mode] = statistics.median(windows)
-        print(f"{mode:16s} {len(rs):4d} {statistics.median(windows):9.2f} {max(windows):7.2f} "
-              f"{sum(r['lost'] for r in rs):5d}")
-    if "fill" in summary and "archive_timeout" in summary:
-        print(f"\ntern's fill is {summary['archive_timeout'] / summary['fill']:.1f}x shorter than waiting for "
+        medians[(mode, scale)] = statistics.median(windows)
+        print(f"{mode:16s} {scale:5d} {statistics.median([r['size'] for r in rs]) / 2**30:6.2f} {len(rs):4d} "
+              f"{statistics.median(windows):9.2f} {max(windows):7.2f} {sum(r['lost'] for r in rs):5d}")
+    small = medians.get(("fill", scales[0]))
+    if small and ("archive_timeout", scales[0]) in medians:
+        print(f"\ntern's fill is {medians[('archive_timeout', scales[0])] / small:.1f}x shorter than waiting for "
               f"archive_timeout (goal: median <= 5 s, 0 lost)")
+    if len(scales) > 1 and small:
+        big = medians[("fill", scales[-1])]
+        print(f"window at scale {scales[-1]} vs scale {scales[0]}: {big:.2f} s vs {small:.2f} s "
+              f"({100 * (big - small) / small:+.0f} %; goal: within +20 %, both under 2 s)")
     return 1 if any(r["lost"] for r in results) else 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .adapters import AppControl
 from .contract import Outputs
 from .errors import ConfigError
-from .pg import make_url, with_endpoint
+from .pg import make_url
 from .secrets import resolve
 from .status import source_url
 
@@ -24,5 +24,7 @@ def node_url(outputs: Outputs, app: AppControl, name: str) -> str:
     names = [r.name for r in outputs.replicas]
     if name in names:
         r = outputs.replica(name)
-        return with_endpoint(src, r.host, r.port)  # the app's own role: a physical copy has it
+        from .restore import replica_url
+
+        return replica_url(src, r)  # the app's own role (a physical copy has it), over TLS
     raise ConfigError(f"unknown node {name!r}; known: source, {', '.join(names)}, aurora (or a postgresql:// URL)")

@@ -54,3 +54,7 @@ class VerificationError(RunbookError):
 
 class StepError(RunbookError):
     """A runbook step failed; carries the step's name."""
+
+
+class NotPromoted(StepError):
+    """A point-of-no-return step refused to cross it (nothing irreversible happened): fall back."""

@@ -2,12 +2,13 @@
 
 JSON keys (stable):
 
-``run_id``, ``kind``, ``outcome`` (completed | fell_back | failed | in_progress), ``reason``,
+``run_id``, ``kind``, ``outcome`` (completed | fell_back | fallback_failed | failed | in_progress), ``reason``,
 ``candidate``, ``new_leader``, ``steps[]`` (``name``, ``started_at``, ``ended_at``, ``seconds``,
 ``outcome``, ``detail``), ``downtime`` (``maintenance_at``, ``switched_at``, ``app_started_at``),
 ``write_unavailability`` (``last_ack_on_source``, ``first_ack_on_target``, ``target``, ``seconds``;
 from the app's ledger, sandbox only), ``acknowledged_writes``, ``missing_on_target`` (must be 0),
-``missing_keys``, ``checked_on``, ``verification``, ``repoint_failures``, ``catchup_seconds``.
+``missing_keys``, ``checked_on``, ``verification`` (the in-window gate), ``verification_full`` (every
+row, after the switch, against a replica held at the final LSN), ``repoint_failures``, ``catchup_seconds``.
 
 Every point in time is an ISO 8601 UTC string with milliseconds (``2026-11-27T11:20:31.123Z``);
 durations are seconds. The journal keeps epoch seconds; only the report converts them.
@@ -66,6 +67,9 @@ def with_saved_figures(journal: Journal, report: dict[str, Any]) -> dict[str, An
 
 def _build(journal: Journal, outputs: Outputs | None) -> dict[str, Any]:
     ctx = journal.context()
+    fallback = next((e for e in journal.events if e["step"] == "run" and e["event"] == "fallback_started"), None)
+    if fallback is not None:
+        ctx["fallback_at"] = fallback["ts"]
     outcome = journal.outcome()
     steps = [{"name": s.name, "started_at": s.started_at, "ended_at": s.ended_at,
               "seconds": None if s.started_at is None or s.ended_at is None else round(s.ended_at - s.started_at, 3),
@@ -80,6 +84,7 @@ def _build(journal: Journal, outputs: Outputs | None) -> dict[str, Any]:
                      "app_started_at": ctx.get("started_at")},
         "catchup_seconds": ctx.get("catchup_seconds"),
         "verification": ctx.get("verification"),
+        "verification_full": ctx.get("verification_full"),
         "repoint_failures": ctx.get("repoint_failures") or {},
         "write_unavailability": None, "acknowledged_writes": None, "missing_on_target": None, "missing_keys": {},
     }
@@ -105,7 +110,10 @@ def ledger_figures(outputs: Outputs, ctx: dict[str, Any]) -> dict[str, Any]:
     figures: dict[str, Any] = {"acknowledged_writes": len(acks)}
     t_maint = ctx.get("maintenance_at") or ctx.get("fenced_at")
     if source and t_maint:
-        before = [e.ts for e in acks if e.endpoint == source and e.ts <= (ctx.get("fenced_at") or t_maint) + 5]
+        # the source stopped taking writes at the fence (or, when the run fell back before it, at the
+        # latest when the fallback began): the last write acknowledged there came before that moment
+        cut = ctx.get("fenced_at") or ctx.get("fallback_at") or t_maint
+        before = [e.ts for e in acks if e.endpoint == source and e.ts <= cut]
         last_src = max(before) if before else None
         after_target = leader or source   # fell back: the first write back on the source
         first = [e.ts for e in acks if e.endpoint == after_target and last_src is not None and e.ts > last_src]

@@ -50,10 +50,15 @@ class Settings:
     repoint_timeout: float = 120.0
     smoke_timeout: float = 30.0
     poll_interval: float = 0.05
+    confirm_timeout: float = 600.0       # the point-of-no-return prompt: no answer in time = no
+    resume_max_age: float = 86400.0      # an unfinished run older than this is not resumed (seconds)
 
     # thresholds
     max_lag_bytes: int = 64 * 1024 * 1024
     sample_percent: float = 5.0
+    # inside a failover's window the sample is bounded, whatever the database's size
+    gate_sample_rows: int = 2000         # rows per table at most
+    gate_sample_timeout: float = 10.0    # seconds per statement at most
     # fill: complete the WAL segment with pg_logical_emit_message (tern's way);
     # archive_timeout: wait for the source to archive it on its own (the naive baseline)
     flush_mode: str = "fill"
@@ -154,6 +159,10 @@ _RULES: dict[str, tuple[Any, str]] = {
     "smoke_timeout": _POSITIVE,
     "poll_interval": _POSITIVE,
     "sample_percent": (lambda v: _finite(v) and 0 < v <= 100, "a percentage in (0, 100]"),
+    "confirm_timeout": _POSITIVE,
+    "resume_max_age": _POSITIVE,
+    "gate_sample_rows": (lambda v: v >= 1, "at least 1"),
+    "gate_sample_timeout": _POSITIVE,
     "flush_mode": (lambda v: v in FLUSH_MODES, "one of " + ", ".join(FLUSH_MODES)),
     "max_slot_wal_keep_size": (lambda v: re.fullmatch(r"-1|\d+\s*(kB|MB|GB|TB)?", str(v)) is not None,
                                "a PostgreSQL size such as 8GB (or -1)"),

@@ -6,8 +6,8 @@ JSON keys (stable):
 ``timeline``, ``lsn`` (current LSN of a primary, replayed LSN of a standby), ``receive_lsn``,
 ``lag_bytes`` and ``lag_seconds`` (behind the source's *current* LSN while the source leads),
 ``upstream`` (``archive``, ``host:port`` or null), ``last_segment`` (last WAL segment replayed),
-``availability_zone``, ``error``; the source also has ``fenced`` (new sessions of the app role are
-read-only) and ``current_app_target`` (the app's DATABASE_URL points at it).
+``availability_zone``, ``error``; the source also has ``fenced`` (its database admits no new session
+of the app's role, or they are read-only) and ``current_app_target`` (the app's DATABASE_URL points at it).
 ``app``: ``maintenance``, ``formation``, ``running``, ``database_endpoint``.
 ``ledger``: ``acknowledged``, ``in_doubt`` (sandbox only; null elsewhere).
 """
@@ -71,6 +71,17 @@ def source_status(app: AppControl, outputs: Outputs, timeout: float) -> dict[str
         entry.update(role="standby" if row[0] else "primary", lsn=row[1], timeline=row[3], fenced=row[4])
     except RunbookError as exc:
         entry.update(role="unreachable", lsn=None, timeline=None, fenced=None, error=str(exc))
+        if "too many connections" in str(exc):
+            # fenced by tern (its database admits no new session): look from another database
+            from .failover.fence import maintenance_connection
+
+            try:
+                with maintenance_connection(source_url(app, outputs), timeout=timeout, purpose="status") as conn:
+                    row = conn.execute(SOURCE_SQL).fetchone()
+                entry.update(role="standby" if row[0] else "primary", lsn=row[1], timeline=row[3], fenced=True,
+                             error=None)
+            except RunbookError:
+                entry["fenced"] = True
     entry["current_app_target"] = bool(url) and url_endpoint(url)[:2] == url_endpoint(source_url(app, outputs))[:2]
     return entry
 

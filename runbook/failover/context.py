@@ -11,13 +11,15 @@ import psycopg
 from ..adapters import AppControl
 from ..contract import Outputs, Replica
 from ..journal import Journal
-from ..pg import connect, url_endpoint, with_endpoint
+from ..pg import connect, url_endpoint
 from ..postgres import PgHost
 from ..settings import Settings
 from ..status import replica_host, source_url
+from ..errors import DatabaseError
+from .fence import BYPASS_READ_ONLY as BYPASS_FENCE, TOO_MANY, SourceSessions, maintenance_connection
 
-# the runbook's own sessions on the source bypass the fence it puts on the app role
-BYPASS_FENCE = "-c default_transaction_read_only=off"
+# tern's sessions held on the source through the fence: control + the verification's (coordinator, workers)
+HELD_SESSIONS = 4
 
 
 @dataclass
@@ -28,6 +30,31 @@ class Context:
     journal: Journal
     data: dict[str, Any] = field(default_factory=dict)
     progress: Any = None
+    sessions: SourceSessions | None = None
+    _hosts: dict[str, PgHost] = field(default_factory=dict)
+
+    def held(self) -> SourceSessions:
+        """tern's sessions on the source's database (opened now if this process has none)."""
+        if self.sessions is None:
+            self.sessions = SourceSessions(self.source_url(), count=HELD_SESSIONS,
+                                           timeout=self.settings.connect_timeout)
+        try:
+            return self.sessions.open()
+        except DatabaseError as exc:
+            if TOO_MANY not in str(exc) or not self.sessions.connections == []:
+                raise
+        # a resumed run: tern's sessions died with its process and others took their places on the
+        # fenced source; end them from another database (what they wrote, the final proof catches)
+        with maintenance_connection(self.source_url(), timeout=self.settings.connect_timeout,
+                                    purpose="fence-recover") as conn:
+            _, _, db = url_endpoint(self.source_url())
+            conn.execute("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = %s "
+                         "AND backend_type = 'client backend' AND pg_has_role(usename, 'MEMBER')", (db,))
+        return self.sessions.open()
+
+    def close(self) -> None:
+        if self.sessions is not None:
+            self.sessions.close()
 
     def source_url(self) -> str:
         return source_url(self.app, self.outputs)
@@ -46,12 +73,16 @@ class Context:
         return self.outputs.replica(name)
 
     def pg(self, name: str) -> PgHost:
-        return replica_host(self.replica(name))
+        """One host object per node for the whole run."""
+        if name not in self._hosts:
+            self._hosts[name] = replica_host(self.replica(name))
+        return self._hosts[name]
 
     def replica_url(self, name: str) -> str:
         """The app's own URL (role, password, database) pointed at a replica."""
-        r = self.replica(name)
-        return with_endpoint(self.source_url(), r.host, r.port)
+        from ..restore import replica_url
+
+        return replica_url(self.source_url(), self.replica(name))   # over TLS: replicas refuse plain TCP
 
     def say(self, message: str) -> None:
         if self.progress:

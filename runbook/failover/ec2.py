@@ -37,12 +37,15 @@ from typing import Any
 import psycopg
 
 from ..adapters.snapshots import snapshots_for
-from ..errors import DatabaseError, PreflightError, RunbookError, StepError, TimeoutExpired, VerificationError
+from ..errors import (DatabaseError, NotPromoted, PreflightError, RunbookError, StepError, TimeoutExpired,
+                      VerificationError)
 from ..pg import connect, lsn_to_int, url_endpoint, url_user
 from ..postgres import literal
 from ..status import TIMELINE_SQL, replica_status
 from ..steps import Step
 from ..verify import gate
+from . import fence as fence_mod
+from . import witness
 from .context import Context
 from .repoint import repoint
 
@@ -84,11 +87,26 @@ def preflight(ctx: Context) -> dict[str, Any]:
     collation = check_collation(ctx, candidate)
     with ctx.source("preflight") as conn:
         timeline = conn.execute(f"SELECT {TIMELINE_SQL}").fetchone()[0]
+        prepared = fence_mod.prepared_transactions(conn)
+        if prepared:
+            raise PreflightError(f"{len(prepared)} prepared transactions on the source ({', '.join(prepared[:5])}) "
+                                 "could commit after the copy: COMMIT PREPARED or ROLLBACK PREPARED them first")
+        limit, system_id = conn.execute(
+            "SELECT datconnlimit, (SELECT system_identifier::text FROM pg_control_system()) "
+            "FROM pg_database WHERE datname = current_database()").fetchone()
+        unlogged = [r[0] for r in conn.execute(
+            "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relpersistence = 'u' AND c.relkind IN ('r', 'p') ORDER BY 1").fetchall()]
     host, port = ctx.source_endpoint()
+    notes = [collation]
+    if unlogged:
+        notes.append(f"unlogged tables are not copied by a physical replica and will be EMPTY on the new leader: "
+                     f"{', '.join(unlogged)}")
     return {"candidate": candidate, "others": [n for n in statuses if n != candidate],
             "source_timeline": timeline, "source_endpoint": f"{host}:{port}",
+            "source_connection_limit": limit, "source_system_identifier": system_id, "unlogged_tables": unlogged,
             "formation": ctx.app.formation(), "collation": collation,
-            "detail": f"candidate {candidate}; {collation}"}
+            "detail": f"candidate {candidate}; " + "; ".join(notes)}
 
 
 def check_collation(ctx: Context, candidate: str) -> str:
@@ -163,43 +181,16 @@ def maintenance_on(ctx: Context) -> dict[str, Any]:
 
 
 # -- 5. fence ----------------------------------------------------------------------------
-def fence_statements(db: str, role: str, on: bool) -> list[psycopg.sql.Composable]:
-    """Make (or stop making) every new session of ``role`` and of ``db`` read-only by default."""
-    action = psycopg.sql.SQL("SET default_transaction_read_only = on" if on else "RESET default_transaction_read_only")
-    return [psycopg.sql.SQL("ALTER DATABASE {} {}").format(psycopg.sql.Identifier(db), action),
-            psycopg.sql.SQL("ALTER ROLE {} {}").format(psycopg.sql.Identifier(role), action)]
-
-
-def set_fence(ctx: Context, on: bool) -> tuple[str, str]:
-    with ctx.source("fence" if on else "unfence") as conn:
-        db, role = conn.execute("SELECT current_database(), current_user").fetchone()
-        for statement in fence_statements(db, role, on):
-            conn.execute(statement)
-    return db, role
-
-
 def fence(ctx: Context) -> dict[str, Any]:
-    db, role = set_fence(ctx, True)
-    with ctx.source("fence") as conn:
-        killed = conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                              "WHERE usename = current_user AND pid <> pg_backend_pid()").fetchone()[0]
-    return {"fenced_at": time.time(), "detail": f"database {db} and role {role} read-only; {killed} sessions terminated"}
+    done = fence_mod.apply(ctx.held(), app_url=ctx.source_url(), timeout=ctx.settings.stop_app_timeout,
+                           interval=ctx.settings.poll_interval)
+    return {"fenced_at": time.time(), "fence": done,
+            "detail": f"database {done['database']}: new sessions refused (connection limit {done['limit']}, "
+                      f"tern's own), read-only defaults; {done['terminated']} sessions terminated"}
 
 
 def prove_fenced(ctx: Context) -> None:
-    """A fresh session of the app role must not be able to write."""
-    with connect(ctx.source_url(), purpose="fence-proof", timeout=ctx.settings.connect_timeout) as conn:
-        try:
-            conn.execute("CREATE TABLE tern_fence_probe ()")
-        except psycopg.errors.ReadOnlySqlTransaction:
-            pass
-        else:
-            conn.execute("DROP TABLE tern_fence_probe")
-            raise StepError("the fence does not hold: a new session of the app role could write")
-        others = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = current_user "
-                              "AND pid <> pg_backend_pid() AND backend_xid IS NOT NULL").fetchone()[0]
-        if others:
-            raise StepError(f"the fence does not hold: {others} sessions of the app role still hold a write transaction")
+    fence_mod.prove(ctx.held(), app_url=ctx.source_url())
 
 
 def fence_holds(ctx: Context) -> bool:
@@ -211,7 +202,9 @@ def fence_holds(ctx: Context) -> bool:
 
 
 def unfence(ctx: Context) -> None:
-    set_fence(ctx, False)
+    fence_mod.lift(ctx.source_url(), ctx.sessions, previous_limit=int(ctx.data.get("source_connection_limit", -1)),
+                   timeout=ctx.settings.connect_timeout)
+    ctx.sessions = None
 
 
 # -- 5b. detach the other replicas from the archive --------------------------------------------
@@ -270,7 +263,7 @@ def replayed(ctx: Context, name: str) -> int | None:
 
 def flush_done(ctx: Context) -> bool:
     final = ctx.data.get("final_lsn")
-    if final is None:
+    if final is None or ctx.data.get("final_next_xid") is None:
         return False
     try:
         return (replayed(ctx, ctx.data["candidate"]) or 0) >= lsn_to_int(final)
@@ -279,27 +272,30 @@ def flush_done(ctx: Context) -> bool:
 
 
 def flush(ctx: Context) -> dict[str, Any]:
+    if ctx.settings.flush_mode not in ("fill", "archive_timeout"):
+        raise PreflightError(f"unknown flush_mode {ctx.settings.flush_mode!r} (fill or archive_timeout)")
     updates: dict[str, Any] = {}
+    conn = ctx.held().control
     if ctx.data.get("final_lsn") is None:
-        with ctx.source("flush") as conn:
-            final = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
+        final = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
         # journaled at once: a resumed run waits for this same LSN
         ctx.journal.record("flush", "progress", context={"final_lsn": final})
         ctx.data["final_lsn"] = final
     final_lsn = lsn_to_int(ctx.data["final_lsn"])
-    with ctx.source("flush") as conn:
+    if ctx.data.get("final_next_xid") is None:
         seg = conn.execute("SELECT setting::bigint * CASE unit WHEN 'B' THEN 1 WHEN 'kB' THEN 1024 "
                            "WHEN 'MB' THEN 1048576 ELSE 1 END FROM pg_settings WHERE name = 'wal_segment_size'"
                            ).fetchone()[0]
         pos = lsn_to_int(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
-        if ctx.settings.flush_mode not in ("fill", "archive_timeout"):
-            raise PreflightError(f"unknown flush_mode {ctx.settings.flush_mode!r} (fill or archive_timeout)")
         if ctx.settings.flush_mode == "fill" and (pos // seg == final_lsn // seg or pos % seg == 0):
             # fill the rest of the segment holding the final LSN: it is complete, so it is archived now
             fill = seg - pos % seg + 64
-            conn.execute("BEGIN")
-            conn.execute("SELECT pg_logical_emit_message(true, 'tern-flush', repeat('x', %s))", (fill,))
-            conn.execute("COMMIT")
+            with conn.transaction():
+                conn.execute("SELECT pg_logical_emit_message(true, 'tern-flush', repeat('x', %s))", (fill,))
+        # from here on no transaction may start on the source: the promotion proves it (the next xid stays)
+        xid = str(next_xid(conn))
+        ctx.journal.record("flush", "progress", context={"final_next_xid": xid})
+        ctx.data["final_next_xid"] = xid
     t0 = time.monotonic()
     deadline = t0 + ctx.settings.catchup_timeout
     while True:
@@ -348,22 +344,73 @@ def switch_candidate(ctx: Context, failed: str, why: str) -> dict[str, Any]:
 def verify(ctx: Context) -> dict[str, Any]:
     # A physical copy shows each sequence up to 32 values ahead (PostgreSQL WAL-logs sequences
     # ahead of use, SEQ_LOG_VALS): a target at or ahead of the source is right; behind is a loss.
-    result = gate(ctx.source_url(), ctx.replica_url(ctx.data["candidate"]),
-                  sample_percent=ctx.settings.sample_percent, sequences="at_least",
-                  timeout=ctx.settings.connect_timeout)
+    # Inside the window only what costs O(catalog + sample): identity, schema, sequences, a bounded
+    # sample; the full comparison runs after the switch, against a replica stopped at the final LSN.
+    name = ctx.data["candidate"]
+    identity = check_identity(ctx, name)
+    result = gate(ctx.source_url(), ctx.replica_url(name), sample_percent=ctx.settings.sample_percent,
+                  sample_rows=ctx.settings.gate_sample_rows, sample_timeout=ctx.settings.gate_sample_timeout,
+                  sequences="at_least",
+                  timeout=ctx.settings.connect_timeout, source_connections=ctx.held().verification()[:1])
     summary = result.summary()
+    summary["identity"] = identity
     ctx.journal.record("verify", "progress", context={"verification": summary})
     if not result.ok:
         raise VerificationError("frozen source and candidate differ: " + "; ".join(result.differences()[:10]))
-    return {"verification": summary, "detail": f"{summary['tables']} tables, {summary['rows']:,} rows counted, "
-                                               f"{summary['sampled_rows']:,} sampled, sequences at or ahead, schema equal"}
+    skipped = f"; unlogged, not compared: {', '.join(result.skipped)}" if result.skipped else ""
+    return {"verification": summary, "detail": f"{identity}; {summary['tables']} tables, "
+                                               f"{summary['sampled_rows']:,} rows sampled, sequences at or ahead, "
+                                               f"schema equal{skipped}"}
+
+
+def check_identity(ctx: Context, name: str) -> str:
+    """The candidate is a copy of this source (system identifier), on its timeline, at the final LSN."""
+    pg = ctx.pg(name)
+    row = pg.query_one("SELECT system_identifier::text AS id, pg_is_in_recovery() AS r, "
+                       "pg_last_wal_replay_lsn()::text AS lsn FROM pg_control_system()")
+    want = ctx.data.get("source_system_identifier")
+    if want and row["id"] != want:
+        raise VerificationError(f"{name} is not a copy of the source: system identifier {row['id']}, source {want}")
+    if not row["r"]:
+        raise VerificationError(f"{name} is no longer a standby")
+    if (lsn_to_int(row["lsn"]) or 0) < lsn_to_int(ctx.data["final_lsn"]):
+        raise VerificationError(f"{name} replayed only to {row['lsn']}, before the final LSN {ctx.data['final_lsn']}")
+    return f"system identifier {row['id']} matches; replayed {row['lsn']} >= final {ctx.data['final_lsn']}"
+
+
+def next_xid(conn) -> int:
+    """The source's next transaction id: it moves when anything writes (in any database of the cluster)."""
+    return int(conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()[0])
+
+
+def prove_nothing_after_final(ctx: Context) -> str:
+    """Immediately before the promotion: no transaction started on the source since the flush, and
+    the candidate replayed the final LSN. Otherwise the promotion would lose what the source took."""
+    name = ctx.data["candidate"]
+    want = int(ctx.data["final_next_xid"])
+    try:
+        now = next_xid(ctx.held().control)
+    except RunbookError:
+        with fence_mod.maintenance_connection(ctx.source_url(), timeout=ctx.settings.connect_timeout,
+                                              purpose="final-proof") as conn:
+            now = next_xid(conn)
+    if now != want:
+        raise NotPromoted(f"the source's next transaction id moved from {want} to {now} after the final LSN "
+                          "(something wrote after the fence): not promoting")
+    lsn = replayed(ctx, name)
+    if (lsn or 0) < lsn_to_int(ctx.data["final_lsn"]):
+        raise NotPromoted(f"{name} has replayed only {lsn} < final LSN {ctx.data['final_lsn']}: not promoting")
+    return f"next xid {now} unchanged since the flush; {name} replayed the final LSN"
 
 
 # -- 8. promote (point of no return) -------------------------------------------------
 def promote(ctx: Context) -> dict[str, Any]:
     name = ctx.data["candidate"]
     pg = ctx.pg(name)
+    proof = "already promoted"
     if pg.query_one("SELECT pg_is_in_recovery() AS r")["r"]:
+        proof = prove_nothing_after_final(ctx)
+        seal_source(ctx)
         pg.psql(f"SELECT pg_promote(true, {int(ctx.settings.promote_timeout)})", timeout=ctx.settings.promote_timeout + 10)
     deadline = time.monotonic() + ctx.settings.promote_timeout
     while pg.query_one("SELECT pg_is_in_recovery() AS r")["r"]:
@@ -375,11 +422,25 @@ def promote(ctx: Context) -> dict[str, Any]:
     url = ctx.source_url()
     db = url_endpoint(url)[2]
     role = url_user(url)
+    previous = int(ctx.data.get("source_connection_limit", -1))
     pg.psql("SET default_transaction_read_only = off;\n"
-            + "".join(st.as_string(None) + ";\n" for st in fence_statements(db, role, False)))
+            + "".join(st.as_string(None) + ";\n" for st in fence_mod.lift_statements(db, role, previous)))
     timeline = pg.query_one("SELECT timeline_id FROM pg_control_checkpoint()")["timeline_id"]
-    return {"new_leader": name, "leader_timeline": timeline, "promoted_at": time.time(),
-            "detail": f"{name} leads on timeline {timeline}"}
+    return {"new_leader": name, "leader_timeline": timeline, "promoted_at": time.time(), "final_proof": proof,
+            "detail": f"{name} leads on timeline {timeline} ({proof})"}
+
+
+def seal_source(ctx: Context) -> None:
+    """The old source admits no new session ever again (connection limit 0; tern's open sessions stay,
+    for the verification after the switch): stale dynos and pooled clients cannot write to it."""
+    try:
+        conn = ctx.held().control
+        db = conn.execute("SELECT current_database()").fetchone()[0]
+        conn.execute(psycopg.sql.SQL("ALTER DATABASE {} CONNECTION LIMIT 0").format(psycopg.sql.Identifier(db)))
+    except RunbookError as exc:
+        raise NotPromoted(f"cannot seal the source before the promotion: {exc}") from None
+    except psycopg.Error as exc:
+        raise NotPromoted(f"cannot seal the source before the promotion: {str(exc).strip()}") from None
 
 
 def verify_promoted(ctx: Context) -> None:
@@ -441,14 +502,21 @@ def plan() -> list[Step]:
     return [
         Step("preflight", "preflight: replicas, candidate, collation", preflight),
         Step("snapshot", "snapshot of the candidate", snapshot, check=snapshot_done),
-        Step("stop_workers", "stop background workers", stop_workers, check=workers_stopped, revert=restore_workers),
+        Step("stop_workers", "stop background workers", stop_workers, check=workers_stopped, revert=restore_workers,
+             revert_hint="the background workers are still scaled to 0: scale them back to the formation in the "
+                         "report"),
         Step("maintenance_on", "maintenance mode on (web stops writing)", maintenance_on,
-             check=lambda ctx: ctx.app.maintenance(), revert=lambda ctx: ctx.app.set_maintenance(False)),
-        Step("fence", "fence the source (read-only for the app role) and prove it", fence, check=fence_holds,
-             verify=prove_fenced, revert=unfence),
+             check=lambda ctx: ctx.app.maintenance(), revert=lambda ctx: ctx.app.set_maintenance(False),
+             revert_hint="the app is still in maintenance mode: turn it off"),
+        Step("fence", "fence the source (no new session, every other one gone) and prove it", fence,
+             check=fence_holds, verify=prove_fenced, revert=unfence, recheck=prove_fenced,
+             revert_hint="the source is still fenced: as the database's owner, from another database, run "
+                         "ALTER DATABASE <db> CONNECTION LIMIT -1 (or its old limit) and ALTER DATABASE <db> / "
+                         "ALTER ROLE <role> RESET default_transaction_read_only"),
         Step("detach_others", "detach the other replicas from the archive", detach_others, check=others_detached,
              revert=reattach_others),
-        Step("flush", "flush the last WAL segment and wait for the candidate", flush, check=flush_done),
+        Step("flush", "flush the last WAL segment and wait for the candidate", flush, check=flush_done,
+             recheck=lambda ctx: prove_nothing_after_final(ctx)),
         Step("verify", "verify frozen source against the candidate", verify),
         # no check: promote's act is idempotent and must always record the new leader's context
         Step("promote", "promote the candidate", promote, verify=verify_promoted, point_of_no_return=True),
@@ -456,6 +524,8 @@ def plan() -> list[Step]:
         Step("start_app", "start the web, then the workers", start_app, check=app_started),
         Step("smoke_test", "smoke test through the app", smoke_test),
         # after the app is back: following the new leader concerns only the other replicas
+        # outside the window: every row of the frozen source against a replica held at the final LSN
+        Step("verify_full", "verify every row against a replica held at the final LSN", witness.verify_full),
         Step("repoint", "repoint the other replicas to the new leader", repoint),
     ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,18 +46,54 @@ def failover_ec2(outputs: Outputs, settings: Settings, *, candidate: str | None 
         return _run(outputs, settings, state_dir, candidate, False, confirm, progress, hooks)
 
 
+def identity(outputs: Outputs, app) -> dict[str, Any]:
+    """What makes a run belong to one migration: the stack, a hash of its outputs, the source's endpoint."""
+    import hashlib
+    import json
+
+    from ..pg import url_endpoint
+    from ..status import source_url
+
+    digest = hashlib.sha256(json.dumps(outputs.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    url = source_url(app, outputs)
+    host, port, db = url_endpoint(url) if url else ("", 0, "")
+    return {"stack": outputs.stack, "outputs_hash": digest, "source_database": f"{host}:{port}/{db}"}
+
+
+def check_belongs(journal: Journal, outputs: Outputs, settings: Settings, app) -> None:
+    """Refuse to resume a run of another migration, or one too old to trust."""
+    created = next((e for e in journal.events if e["step"] == "run" and e["event"] == "created"), None)
+    if created is None:
+        return
+    recorded = created.get("context") or {}
+    mine = identity(outputs, app)
+    for key, what in (("stack", "stack"), ("outputs_hash", "stack outputs"), ("source_database", "source database")):
+        if recorded.get(key) is not None and recorded.get(key) != mine[key]:
+            if key == "source_database" and recorded.get("source_database") and journal.is_done("switch"):
+                continue   # after the switch the app's URL names the new leader: that is this migration
+            raise ConfigError(f"run {journal.run_id} belongs to another migration (its {what}: "
+                              f"{recorded.get(key)}, now: {mine[key]}); it was not resumed - finish or "
+                              f"abandon it with the outputs it was started with")
+    age = time.time() - float(created.get("ts", time.time()))
+    if age > settings.resume_max_age:
+        raise ConfigError(f"run {journal.run_id} was started {age / 3600:.1f} h ago, more than tern.resume_max_age "
+                          f"({settings.resume_max_age / 3600:.1f} h): not resuming it; check the source and the "
+                          "app by hand, then remove its pointer (runs/current-failover-ec2) to start anew")
+
+
 def _run(outputs: Outputs, settings: Settings, state_dir: Path, candidate: str | None, dry_run: bool,
          confirm: Callable[[str], bool], progress: Callable[[str], None] | None,
          hooks: dict[str, Callable[[Any], None]] | None) -> dict[str, Any]:
     journal = Journal.current(state_dir, ec2.KIND)
+    app = app_for(outputs.app)
     if journal is not None:
+        check_belongs(journal, outputs, settings, app)
         previous = journal.context().get("requested_candidate")
         if candidate and previous and candidate != previous:
             raise ConfigError(f"run {journal.run_id} is in progress with candidate {previous}; "
                               f"run again without --candidate (or with --candidate {previous}) to resume it")
         if progress:
             progress(f"resuming run {journal.run_id}")
-    app = app_for(outputs.app)
     if journal is None and not dry_run:
         finished = _completed_run(state_dir, outputs, app)
         if finished is not None:
@@ -81,7 +118,7 @@ def _run(outputs: Outputs, settings: Settings, state_dir: Path, candidate: str |
                 "plan": rows, "candidate": ctx.data.get("candidate") or choice.get("candidate"),
                 "preflight": {k: v for k, v in choice.items() if k in ("detail", "preflight_error")}}
     if journal is None:
-        journal = Journal.create(state_dir, ec2.KIND, requested_candidate=candidate, stack=outputs.stack)
+        journal = Journal.create(state_dir, ec2.KIND, requested_candidate=candidate, **identity(outputs, app))
     ctx = Context(outputs, settings, app, journal, data=journal.context(), progress=progress)
     runner = Runner(journal, ec2.plan(), confirm=confirm, hooks=hooks or {},
                     progress=progress or (lambda m: None))
@@ -90,6 +127,8 @@ def _run(outputs: Outputs, settings: Settings, state_dir: Path, candidate: str |
         runner.run(ctx)
     except StepError as exc:
         error = exc
+    finally:
+        ctx.close()
     report = report_mod.build(journal, outputs)
     report_mod.save(journal, report)
     if error is not None:

@@ -6,7 +6,6 @@ import re
 import sys
 
 from invoke import Exit, task
-from rich.prompt import Confirm
 from rich.table import Table
 from rich.text import Text
 
@@ -36,15 +35,29 @@ def restore(c, stack=None):
         say(f"{name}: {what}")
 
 
-def make_confirm(yes: bool):
+def make_confirm(yes: bool, timeout: float):
+    """The point-of-no-return prompt: yes only on an explicit answer within ``timeout`` seconds."""
     def confirm(question: str) -> bool:
         if yes:
             return True
         if not sys.stdin.isatty():
             raise PreflightError(f"{question} needs confirmation: run on a terminal or pass --yes")
-        return Confirm.ask(question, console=console, default=False)
+        return ask(question, timeout)
 
     return confirm
+
+
+def ask(question: str, timeout: float, stream=None) -> bool:
+    """Ask on stderr, read one line from ``stream`` (stdin); no answer within ``timeout`` counts as no."""
+    import select
+
+    stream = stream or sys.stdin
+    console.print(f"{question} [y/N] (no answer in {timeout:.0f}s = no) ", end="", markup=False, highlight=False)
+    ready, _, _ = select.select([stream], [], [], timeout)
+    if not ready:
+        console.print("\nno answer: not proceeding", markup=False, highlight=False)
+        return False
+    return stream.readline().strip().lower() in ("y", "yes")
 
 
 def restore_command(stack: str | None) -> str:
@@ -83,7 +96,8 @@ def failover_ec2(c, candidate=None, dry_run=False, yes=False, stack=None, json=F
     show = human(json)
     with progress_status("failover-ec2", echo=True) as update:
         try:
-            result = run_failover_ec2(o, s, candidate=candidate, dry_run=dry_run, confirm=make_confirm(yes),
+            result = run_failover_ec2(o, s, candidate=candidate, dry_run=dry_run,
+                                      confirm=make_confirm(yes, s.confirm_timeout),
                                       progress=update)
         except StepError as exc:
             report = exc.context.get("report")

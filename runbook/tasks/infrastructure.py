@@ -6,7 +6,7 @@ from invoke import task
 
 from ..settings import PROJECT_DIR
 from ..teardown import teardown as run_teardown
-from .common import parse_name, say, task_errors
+from .common import parse_name, say, settings, task_errors
 from .failover import make_confirm
 
 
@@ -15,5 +15,5 @@ from .failover import make_confirm
 def teardown(c, stack=None, yes=False):
     """Tear down a rehearsal stack: pulumi destroy, then pulumi stack rm. Refuses prod and non-rehearsal stacks."""
     stack = parse_name("stack", stack, required=True)
-    run_teardown(stack, PROJECT_DIR, confirm=make_confirm(yes), progress=say)
+    run_teardown(stack, PROJECT_DIR, confirm=make_confirm(yes, settings(c).confirm_timeout), progress=say)
     say(f"stack {stack} destroyed and removed")

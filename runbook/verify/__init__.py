@@ -12,8 +12,12 @@ from .engine import MODES, VerifyReport, verify
 __all__ = ["MODES", "VerifyReport", "gate", "verify"]
 
 
-def gate(source_url: str, target_url: str, *, sample_percent: float, sequences: str = "at_least",
-         timeout: float = 10.0, jobs: int = 2) -> VerifyReport:
-    """Schema, row counts of every table, every sequence, and ``sample_percent`` of rows compared in full."""
+def gate(source_url: str, target_url: str, *, sample_percent: float, sample_rows: int, sample_timeout: float,
+         sequences: str = "at_least", timeout: float = 10.0, source_connections=None) -> VerifyReport:
+    """What a failover checks inside its window, in O(catalog + sample), never O(rows): the schema,
+    every sequence, and a sample of rows (``sample_percent``, at most ``sample_rows`` per table,
+    each statement within ``sample_timeout``) compared in full. Unlogged tables are listed, not
+    compared (a physical copy has them empty). The full verification runs outside the window."""
     return verify(source_url, target_url, mode="sample", sample_percent=sample_percent, sequences=sequences,
-                  timeout=timeout, jobs=jobs)
+                  timeout=timeout, jobs=1, counts=False, sample_rows=sample_rows, sample_timeout=sample_timeout,
+                  source_connections=source_connections, skip_unlogged=True)

@@ -31,7 +31,7 @@ from ..errors import ConfigError, RunbookError
 from ..pg import connect
 from ..redact import redact
 from . import schema as schema_mod
-from .hashing import SESSION_OPTIONS, TEXT_ROW_HASH, column_expression, hashed_as_text, load_types, row_hash
+from .hashing import SESSION_OPTIONS, SESSION_SETTINGS, TEXT_ROW_HASH, column_expression, hashed_as_text, load_types, row_hash
 
 MODES = ("schema", "counts", "sample", "full")
 LEAF_ROWS = 2000          # differing chunks are split into sub-buckets of about this many rows
@@ -72,6 +72,7 @@ class TableReport:
     checked_rows: int = 0
     rows: list[RowDifference] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)     # what was not checked on purpose (not a difference)
     error: str | None = None
     seconds: float = 0.0
     checked: bool = False
@@ -94,7 +95,8 @@ class TableReport:
                 "missing": [r.key for r in self.rows if r.kind == "missing"],
                 "extra": [r.key for r in self.rows if r.kind == "extra"],
                 "changed": [{"key": r.key, "columns": r.columns} for r in self.rows if r.kind == "changed"],
-                "problems": self.problems, "error": self.error, "seconds": round(self.seconds, 3)}
+                "problems": self.problems, "notes": self.notes, "error": self.error,
+                "seconds": round(self.seconds, 3)}
 
 
 @dataclass
@@ -107,6 +109,7 @@ class VerifyReport:
     snapshot: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     sample_percent: float = 0.0
+    skipped: list[str] = field(default_factory=list)   # unlogged tables, not compared on purpose
 
     @property
     def ok(self) -> bool:
@@ -122,44 +125,86 @@ class VerifyReport:
         return {"ok": self.ok, "mode": self.mode, "seconds": round(self.seconds, 3),
                 "schema_differences": self.schema, "sequence_differences": self.sequences, "errors": self.errors,
                 "snapshot": self.snapshot, "tables": [t.to_json() for t in self.tables],
-                "sample_percent": self.sample_percent}
+                "sample_percent": self.sample_percent, "skipped_unlogged": self.skipped}
 
     def summary(self) -> dict[str, Any]:
         """The short form the failover journals and reports carry."""
         return {"ok": self.ok, "mode": self.mode, "tables": len(self.tables),
                 "rows": sum(t.source_rows or 0 for t in self.tables),
                 "sampled_rows": sum(t.checked_rows for t in self.tables), "sequences_checked": True,
-                "sample_percent": self.sample_percent, "differences": self.differences()[:50]}
+                "sample_percent": self.sample_percent, "skipped_unlogged": self.skipped,
+                "differences": self.differences()[:50]}
 
 
 # -- snapshots ------------------------------------------------------------------------------
 class Side:
-    """One database, read in one snapshot by any number of connections."""
+    """One database, read in one snapshot by any number of connections.
 
-    def __init__(self, name: str, url: str, stack: ExitStack, timeout: float) -> None:
+    ``borrowed``: connections opened by the caller (a failover's sessions on a fenced source, which
+    admits no new one); they are used as they are, never closed, and left idle in autocommit.
+    """
+
+    def __init__(self, name: str, url: str, stack: ExitStack, timeout: float,
+                 borrowed: list[psycopg.Connection] | None = None) -> None:
         self.name = name
         self.url = url
         self.timeout = timeout
         self.stack = stack
-        self.coordinator = stack.enter_context(connect(url, purpose=f"verify-{name}", autocommit=False,
-                                                       timeout=timeout, options=SESSION_OPTIONS))
-        self.coordinator.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        self.spare = list(borrowed[1:]) if borrowed else None
+        if borrowed:
+            self.coordinator = self._borrow(borrowed[0])
+        else:
+            self.coordinator = stack.enter_context(connect(url, purpose=f"verify-{name}", autocommit=False,
+                                                           timeout=timeout, options=SESSION_OPTIONS))
+        self._begin(self.coordinator)
         try:
             self.snapshot: str | None = self.coordinator.execute("SELECT pg_export_snapshot()").fetchone()[0]
         except psycopg.Error:
             # cannot export here: read everything through this one connection, in one snapshot
             self.coordinator.rollback()
-            self.coordinator.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            self._begin(self.coordinator)
             self.snapshot = None
         self._lock = threading.Lock()
+
+    def _borrow(self, conn: psycopg.Connection) -> psycopg.Connection:
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            conn.rollback()
+        autocommit = conn.autocommit
+        conn.autocommit = False
+
+        def give_back() -> None:
+            try:
+                conn.rollback()
+                conn.autocommit = autocommit
+            except psycopg.Error:
+                pass
+
+        self.stack.callback(give_back)
+        return conn
+
+    def _begin(self, conn: psycopg.Connection, snapshot: str | None = None) -> None:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        if snapshot:
+            conn.execute("SET TRANSACTION SNAPSHOT %s" % sql.Literal(snapshot).as_string(None))
+        if self.spare is not None:   # a borrowed session: the options the connection string would set
+            for key, value in SESSION_SETTINGS.items():
+                conn.execute("SELECT set_config(%s, %s, true)", (key, value))
+
+    @property
+    def max_workers(self) -> int:
+        if self.snapshot is None:
+            return 1
+        return 64 if self.spare is None else max(1, len(self.spare))
 
     def worker_connection(self) -> psycopg.Connection:
         if self.snapshot is None:
             return self.coordinator
-        conn = self.stack.enter_context(connect(self.url, purpose=f"verify-{self.name}", autocommit=False,
-                                                timeout=self.timeout, options=SESSION_OPTIONS))
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        conn.execute("SET TRANSACTION SNAPSHOT %s" % sql.Literal(self.snapshot).as_string(None))
+        if self.spare is not None:
+            conn = self._borrow(self.spare.pop(0))
+        else:
+            conn = self.stack.enter_context(connect(self.url, purpose=f"verify-{self.name}", autocommit=False,
+                                                    timeout=self.timeout, options=SESSION_OPTIONS))
+        self._begin(conn, self.snapshot)
         return conn
 
 
@@ -281,10 +326,14 @@ class Options:
 def verify(source_url: str, target_url: str, *, mode: str = "full", tables: list[str] | None = None,
            sample_percent: float = 5.0, jobs: int = 2, chunk_rows: int = 50_000, sequences: str = "at_least",
            timeout: float = 10.0, progress: Progress | None = None, sample_rows: int = MAX_SAMPLE_ROWS,
-           sample_timeout: float = SAMPLE_TIMEOUT, counts: bool = True) -> VerifyReport:
+           sample_timeout: float = SAMPLE_TIMEOUT, counts: bool = True,
+           source_connections: list[psycopg.Connection] | None = None,
+           skip_unlogged: bool = False) -> VerifyReport:
     """Compare ``target_url`` with ``source_url``. In ``sample`` mode the sample is spread over the
     whole table (block sampling), at most ``sample_rows`` rows per table, each statement bounded by
-    ``sample_timeout`` seconds; ``counts=False`` skips the O(rows) row counts (a failover's window)."""
+    ``sample_timeout`` seconds; ``counts=False`` skips the O(rows) row counts (a failover's window).
+    ``source_connections``: read the source through these open sessions (a fenced source admits no
+    new one). ``skip_unlogged``: unlogged tables (empty on any physical copy) are listed, not compared."""
     if mode not in MODES:
         raise ConfigError(f"unknown verification mode {mode!r}; choose one of: {', '.join(MODES)}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= 64:
@@ -302,7 +351,7 @@ def verify(source_url: str, target_url: str, *, mode: str = "full", tables: list
     t0 = time.monotonic()
     report = VerifyReport(mode=mode, sample_percent=sample_percent if mode == "sample" else 0.0)
     with ExitStack() as stack:
-        src = Side("source", source_url, stack, timeout)
+        src = Side("source", source_url, stack, timeout, borrowed=source_connections)
         dst = Side("target", target_url, stack, timeout)
         report.snapshot = {"source": "exported" if src.snapshot else "single connection",
                            "target": "exported" if dst.snapshot else "single connection"}
@@ -317,6 +366,9 @@ def verify(source_url: str, target_url: str, *, mode: str = "full", tables: list
             return report
         report.sequences = _sequences(src.coordinator, dst.coordinator, sequences)
         todo = [s_tables[n] for n in wanted if n in s_tables and n in d_tables]
+        if skip_unlogged:
+            report.skipped = sorted(t.name for t in todo if t.persistence == "u")
+            todo = [t for t in todo if t.persistence != "u"]
         for n in wanted:
             if n not in d_tables and n in s_tables:
                 tr = TableReport(n, error="table is missing on the target")
@@ -392,7 +444,10 @@ def _run_tables(todo: list[Table], src: Side, dst: Side, opts: Options,
             progress(t.name, 0, r.chunks)
     done_chunks: dict[str, int] = {t.name: 0 for t in todo}
     lock = threading.Lock()
-    n_workers = min(jobs, max(1, tasks.qsize())) if (src.snapshot and dst.snapshot) else 1
+    n_workers = min(jobs, max(1, tasks.qsize()), src.max_workers, dst.max_workers) \
+        if (src.snapshot and dst.snapshot) else 1
+    if n_workers > 1 and (src.spare is not None and len(src.spare) < n_workers):
+        n_workers = 1
 
     def worker() -> None:
         with lock:
@@ -652,7 +707,7 @@ def _sample(t: Table, r: TableReport, s_conn, d_conn, opts: Options) -> None:
 def _sample_rows(t: Table, r: TableReport, s_conn, d_conn, opts: Options) -> None:
     if not t.pk:
         if not opts.counts:
-            r.problems.append("no primary key: rows cannot be sampled by key (checked by the full verification)")
+            r.notes.append("no primary key: rows cannot be sampled by key (left to the full verification)")
             return
         q = sql.SQL("SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)), 0) FROM {} t").format(t.ident)
         if s_conn.execute(q).fetchone() != d_conn.execute(q).fetchone():

@@ -26,8 +26,9 @@ from psycopg import sql
 # pg_catalog types whose equality is looser than identity: hashed by their text output
 LOOSE_EQUALITY = {"numeric", "float4", "float8", "interval"}
 # text output depends only on these session settings: pinned on every verification session
-SESSION_OPTIONS = ("-c jit=off -c work_mem=64MB -c extra_float_digits=1 -c IntervalStyle=postgres "
-                   "-c DateStyle=ISO,YMD -c TimeZone=UTC -c bytea_output=hex")
+SESSION_SETTINGS = {"jit": "off", "work_mem": "64MB", "extra_float_digits": "1", "IntervalStyle": "postgres",
+                    "DateStyle": "ISO,YMD", "TimeZone": "UTC", "bytea_output": "hex"}
+SESSION_OPTIONS = " ".join(f"-c {k}={v}" for k, v in SESSION_SETTINGS.items())
 
 TYPES_SQL = """
 SELECT t.oid, t.typname, n.nspname, t.typtype, t.typcategory, t.typbasetype, t.typelem,

@@ -14,7 +14,7 @@ from runbook.failover.ec2 import plan
 from runbook.settings import Settings
 from tests.unit.heroku_stub import SOURCE_URL, HerokuStub, endpoint
 
-LEADER_URL = "postgres://u:heroku-db-secret@10.0.1.10:5432/d"
+LEADER_URL = "postgres://u:heroku-db-secret@10.0.1.10:5432/d?sslmode=require"   # replicas take TLS only
 
 
 @pytest.fixture

@@ -1,0 +1,242 @@
+"""The fence: after it, no client writes to the source - whoever it is and whatever it sets.
+
+Without superuser (as on Heroku) the database's owner can still:
+
+* hold tern's own sessions open (``SourceSessions``), opened *before* the fence;
+* ``ALTER DATABASE ... CONNECTION LIMIT k`` with ``k`` = the number of those sessions: every new
+  session of every non-superuser role is refused ("too many connections for database") -
+  ``default_transaction_read_only`` alone is advisory, a client can turn it off;
+* terminate every other client session of the database and wait until it is gone (a session
+  of a role it may not terminate makes the fence fail, naming the role);
+* refuse prepared transactions (one could be committed later, after the copy).
+
+The proof: a fresh session of the app's role is refused, no client session but tern's is left,
+no prepared transaction is left. The read-only defaults stay as a second line.
+
+A physical copy carries the fence along (it is in the catalog): the new leader gets it lifted
+after its promotion (:func:`lift_statements`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from ..errors import DatabaseError, RunbookError, StepError
+from ..pg import connect, url_endpoint, url_user
+from ..polling import polling_loop
+
+log = logging.getLogger(__name__)
+
+# tern's sessions on the source bypass the read-only defaults it puts on the app role
+BYPASS_READ_ONLY = "-c default_transaction_read_only=off"
+# databases the owner may connect to while its own is fenced (to lift the fence after a crash)
+MAINTENANCE_DATABASES = ("postgres", "template1")
+TOO_MANY = "too many connections"
+
+# Client sessions of the database but tern's. Another role's row hides its backend_type (NULL) from
+# a non-superuser; background workers have no user. Superusers' sessions (the platform's own) are
+# beyond any fence an owner can raise: they are not counted here, and the final proof (the next
+# transaction id unchanged) catches any write they make.
+OTHER_SESSIONS_SQL = """
+SELECT a.pid, a.usename::text, coalesce(a.application_name, ''), pg_has_role(a.usename, 'MEMBER') AS mine
+FROM pg_stat_activity a JOIN pg_roles r ON r.oid = a.usesysid
+WHERE a.datname = current_database() AND coalesce(a.backend_type, 'client backend') = 'client backend'
+  AND NOT r.rolsuper AND NOT (a.pid = ANY(%s))
+"""
+
+
+class SourceSessions:
+    """tern's own sessions on the source's database, held open through the fence.
+
+    The first is the control session (flush, proofs, the fence's statements); the others serve
+    the verification. They are the only sessions the fenced database admits.
+    """
+
+    def __init__(self, url: str, *, count: int, timeout: float) -> None:
+        self.url = url
+        self.count = count
+        self.timeout = timeout
+        self.connections: list[psycopg.Connection] = []
+
+    def open(self) -> "SourceSessions":
+        self.connections = [c for c in self.connections if not c.closed and _alive(c)]
+        while len(self.connections) < self.count:
+            try:
+                conn = psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, int(self.timeout)),
+                                       application_name="tern:fence", options=BYPASS_READ_ONLY)
+            except psycopg.Error as exc:
+                host, port, db = url_endpoint(self.url)
+                raise DatabaseError(f"cannot open tern's session on {host}:{port}/{db}: "
+                                    f"{str(exc).strip().splitlines()[-1]}") from None
+            self.connections.append(conn)
+        return self
+
+    @property
+    def control(self) -> psycopg.Connection:
+        return self.open().connections[0]
+
+    def verification(self) -> list[psycopg.Connection]:
+        return self.open().connections[1:]
+
+    def pids(self) -> list[int]:
+        return [c.info.backend_pid for c in self.connections if not c.closed]
+
+    def alive(self) -> bool:
+        return len(self.connections) == self.count and all(not c.closed and _alive(c) for c in self.connections)
+
+    def close(self) -> None:
+        for c in self.connections:
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self.connections = []
+
+
+def _alive(conn: psycopg.Connection) -> bool:
+    try:
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            return conn.info.transaction_status in (psycopg.pq.TransactionStatus.INTRANS,
+                                                    psycopg.pq.TransactionStatus.ACTIVE)
+        conn.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
+
+
+def maintenance_connection(url: str, *, timeout: float, purpose: str):
+    """A session of the same role on another database of the source (not subject to the fence)."""
+    last: Exception | None = None
+    for db in MAINTENANCE_DATABASES:
+        target = url.split("?", 1)
+        base = target[0].rsplit("/", 1)[0] + "/" + db
+        try:
+            return connect(base + ("?" + target[1] if len(target) > 1 else ""), purpose=purpose, timeout=timeout)
+        except RunbookError as exc:
+            last = exc
+    raise DatabaseError(f"cannot reach the source from another database ({', '.join(MAINTENANCE_DATABASES)}): {last}")
+
+
+# -- statements -------------------------------------------------------------------------------
+def fence_statements(db: str, role: str, limit: int) -> list[sql.Composable]:
+    return [sql.SQL("ALTER DATABASE {} CONNECTION LIMIT {}").format(sql.Identifier(db), sql.Literal(limit)),
+            sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(sql.Identifier(db)),
+            sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(sql.Identifier(role))]
+
+
+def lift_statements(db: str, role: str, previous_limit: int) -> list[sql.Composable]:
+    return [sql.SQL("ALTER DATABASE {} CONNECTION LIMIT {}").format(sql.Identifier(db), sql.Literal(previous_limit)),
+            sql.SQL("ALTER DATABASE {} RESET default_transaction_read_only").format(sql.Identifier(db)),
+            sql.SQL("ALTER ROLE {} RESET default_transaction_read_only").format(sql.Identifier(role))]
+
+
+def prepared_transactions(conn) -> list[str]:
+    return [f"{gid} (owner {owner})" for gid, owner in conn.execute(
+        "SELECT gid, owner::text FROM pg_prepared_xacts WHERE database = current_database() ORDER BY prepared"
+    ).fetchall()]
+
+
+# -- acts ---------------------------------------------------------------------------------------
+def apply(sessions: SourceSessions, *, app_url: str, timeout: float, interval: float) -> dict[str, Any]:
+    """Fence the source's database; returns what was done. Raises StepError if it cannot hold."""
+    conn = sessions.control
+    db, role = conn.execute("SELECT current_database(), current_user").fetchone()
+    prepared = prepared_transactions(conn)
+    if prepared:
+        raise StepError(f"{len(prepared)} prepared transactions on the source ({', '.join(prepared[:5])}) could "
+                        "commit after the copy: COMMIT PREPARED or ROLLBACK PREPARED them, then run again")
+    for statement in fence_statements(db, role, sessions.count):
+        conn.execute(statement)
+    killed = terminate_others(sessions, timeout=timeout, interval=interval)
+    prove(sessions, app_url=app_url)
+    return {"database": db, "role": role, "limit": sessions.count, "terminated": killed}
+
+
+def terminate_others(sessions: SourceSessions, *, timeout: float, interval: float) -> int:
+    """Terminate every client session of the database but tern's, and wait until they are gone."""
+    conn = sessions.control
+    killed = 0
+    refused: dict[str, int] = {}
+    for _ in polling_loop(timeout, interval):
+        others = conn.execute(OTHER_SESSIONS_SQL, (sessions.pids(),)).fetchall()
+        if not others:
+            return killed
+        refused = {}
+        for pid, user, _app, mine in others:
+            if not mine:
+                refused[user] = refused.get(user, 0) + 1
+                continue
+            try:
+                # waits (up to the timeout) until the process is gone
+                if conn.execute("SELECT pg_terminate_backend(%s, %s)",
+                                (pid, max(1, int(timeout * 1000)))).fetchone()[0]:
+                    killed += 1
+            except psycopg.errors.InsufficientPrivilege:
+                refused[user] = refused.get(user, 0) + 1
+            except psycopg.Error as exc:
+                log.debug("terminating %s: %s", pid, exc)
+        if refused:
+            break
+    who = ", ".join(f"{n} of role {u}" for u, n in sorted(refused.items()))
+    if refused:
+        raise StepError(f"the fence does not hold: sessions tern may not terminate remain on the source ({who}): "
+                        "stop them (e.g. heroku pg:killall), then run again")
+    left = conn.execute(OTHER_SESSIONS_SQL, (sessions.pids(),)).fetchall()
+    raise StepError(f"the fence does not hold: {len(left)} sessions still connected after {timeout:g}s")
+
+
+def prove(sessions: SourceSessions, *, app_url: str) -> str:
+    """A fresh session of the app's role must be refused; no other client session, no prepared
+    transaction may be left. Returns a one-line proof; raises StepError when it does not hold."""
+    try:
+        with psycopg.connect(app_url, connect_timeout=5, application_name="tern:fence-proof") as probe:
+            try:
+                probe.execute("SET default_transaction_read_only = off")
+                probe.execute("CREATE TEMP TABLE tern_fence_probe ()")
+            finally:
+                probe.rollback()
+        raise StepError("the fence does not hold: a new session of the app's role was admitted")
+    except psycopg.OperationalError as exc:
+        if TOO_MANY not in str(exc):
+            raise StepError(f"the fence cannot be proven: {str(exc).strip().splitlines()[-1]}") from None
+    conn = sessions.control
+    others = conn.execute(OTHER_SESSIONS_SQL, (sessions.pids(),)).fetchall()
+    if others:
+        raise StepError(f"the fence does not hold: {len(others)} other sessions are connected "
+                        f"(roles {', '.join(sorted({o[1] for o in others}))})")
+    prepared = prepared_transactions(conn)
+    if prepared:
+        raise StepError(f"the fence does not hold: prepared transactions {', '.join(prepared[:5])}")
+    return "a new session is refused; no other session; no prepared transaction"
+
+
+def lift(url: str, sessions: SourceSessions | None, *, previous_limit: int, timeout: float) -> None:
+    """Undo the fence on the source: from tern's session if alive, else a new session, else another database."""
+    _, _, db = url_endpoint(url)
+    role = url_user(url)
+    statements = lift_statements(db, role, previous_limit)
+    if sessions is not None and sessions.connections and all(not c.closed for c in sessions.connections[:1]):
+        try:
+            for st in statements:
+                sessions.connections[0].execute(st)
+            sessions.close()
+            return
+        except psycopg.Error:
+            pass
+    if sessions is not None:
+        sessions.close()    # frees the fenced database's slots for the session below
+    try:
+        with connect(url, purpose="unfence", timeout=timeout, options=BYPASS_READ_ONLY) as conn:
+            for st in statements:
+                conn.execute(st)
+            return
+    except RunbookError as exc:
+        if TOO_MANY not in str(exc):
+            raise
+    with maintenance_connection(url, timeout=timeout, purpose="unfence") as conn:
+        for st in statements:
+            conn.execute(st)

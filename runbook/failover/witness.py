@@ -1,0 +1,101 @@
+"""The full verification, outside the window: the frozen source against a witness at the final LSN.
+
+Inside the window a failover checks only what costs O(catalog + sample). Every row is compared
+after the app is back, against a state equal to the promoted one: another replica (the *witness*)
+replays the archive up to the final LSN and stops there (``recovery_target_lsn``, paused), and
+the source - sealed, read through tern's own sessions - is compared with it in full. Then the
+witness is released (targets reset, detached from the archive again) at the final LSN, which
+is at or before the new leader's fork point, so it can follow the new timeline.
+
+A difference does not undo the switch (past the point of no return); it stops the run and names
+the rows, with the snapshot to go back to.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..archive import restore_command
+from ..errors import RunbookError, VerificationError
+from ..pg import lsn_to_int
+from ..polling import wait_until
+from ..postgres import literal
+from ..verify import verify as run_verify
+from .context import Context
+
+
+def pick(ctx: Context) -> str | None:
+    """The first other replica that is a running standby with data."""
+    for name in ctx.data.get("others", []):
+        pg = ctx.pg(name)
+        try:
+            if pg.has_data() and pg.is_running() and pg.query_one("SELECT pg_is_in_recovery() AS r")["r"]:
+                return name
+        except RunbookError:
+            continue
+    return None
+
+
+def hold_at_final(ctx: Context, name: str) -> str:
+    """Replay the archive up to the final LSN on ``name`` and stop there; returns its replay LSN."""
+    pg = ctx.pg(name)
+    final = ctx.data["final_lsn"]
+    command = restore_command(ctx.outputs.source.archive)
+    pg.psql(f"ALTER SYSTEM SET restore_command = {literal(command)};\n"
+            f"ALTER SYSTEM SET recovery_target_lsn = {literal(final)};\n"
+            "ALTER SYSTEM SET recovery_target_inclusive = off;\n"
+            "ALTER SYSTEM SET recovery_target_action = 'pause';")
+    pg.stop(mode="fast", timeout=ctx.settings.promote_timeout)   # recovery targets need a restart
+    pg.start(timeout=ctx.settings.restore_timeout)
+    want = lsn_to_int(final)
+
+    def at_final():
+        row = pg.query_one("SELECT pg_last_wal_replay_lsn()::text AS lsn")
+        return row["lsn"] if (lsn_to_int(row["lsn"]) or 0) >= want else None
+
+    return wait_until(at_final, timeout=ctx.settings.catchup_timeout, interval=max(ctx.settings.poll_interval, 0.2),
+                      what=f"{name} to replay up to the final LSN {final}")
+
+
+def release(ctx: Context, name: str) -> None:
+    """No recovery target, no archive: the witness waits at the final LSN for the repoint."""
+    pg = ctx.pg(name)
+    pg.psql("ALTER SYSTEM RESET recovery_target_lsn;\nALTER SYSTEM RESET recovery_target_inclusive;\n"
+            "ALTER SYSTEM RESET recovery_target_action;\nALTER SYSTEM SET restore_command = '';")
+    pg.stop(mode="fast", timeout=ctx.settings.promote_timeout)
+    pg.start(timeout=ctx.settings.restore_timeout)
+
+
+def verify_full(ctx: Context) -> dict[str, Any]:
+    name = pick(ctx)
+    if name is None:
+        note = ("not run: no other replica to hold at the final LSN; compare the frozen source with a copy of "
+                "the snapshot by `invoke verify --mode full`")
+        return {"verification_full": {"ok": None, "note": note}, "detail": note}
+    try:
+        sessions = ctx.held().verification()
+    except RunbookError as exc:
+        note = (f"not run: tern's sessions on the sealed source are gone ({exc}); the source admits no new "
+                "session - compare it by hand with a superuser")
+        return {"verification_full": {"ok": None, "note": note}, "detail": note}
+    t0 = time.monotonic()
+    lsn = hold_at_final(ctx, name)
+    try:
+        result = run_verify(ctx.source_url(), ctx.replica_url(name), mode="full", sequences="at_least",
+                            timeout=ctx.settings.connect_timeout, jobs=max(1, len(sessions) - 1),
+                            source_connections=sessions, skip_unlogged=True)
+    finally:
+        release(ctx, name)
+    summary = result.summary()
+    summary.update(witness=name, witness_lsn=lsn, seconds=round(time.monotonic() - t0, 3))
+    if not result.ok:
+        ctx.journal.record("verify_full", "progress", context={"verification_full": summary})
+        raise VerificationError(
+            f"the frozen source and {name} (held at the final LSN {ctx.data['final_lsn']}) differ: "
+            + "; ".join(result.differences()[:10])
+            + f". The app runs on {ctx.data['candidate']}; its pre-migration snapshot is "
+              f"{ctx.data.get('snapshot')}: decide whether to repair the rows or roll back")
+    return {"verification_full": summary,
+            "detail": f"every row of {summary['tables']} tables equal between the frozen source and {name} at "
+                      f"{lsn} ({summary['seconds']:.1f}s)"}
