@@ -335,6 +335,21 @@ def conninfo(ctx: Context, name: str, leader) -> str:
             f"sslmode=require application_name={name}")
 
 
+def ensure_up(ctx: Context, name: str, pg: PgHost) -> None:
+    """Start the replica if it is down, and wait until it answers (a replica killed moments ago may
+    still look alive while its processes die: keep trying until the deadline)."""
+    def up() -> bool:
+        try:
+            if not pg.is_running():
+                pg.start(timeout=ctx.settings.promote_timeout)
+            pg.query_one("SELECT 1 AS ok")
+            return True
+        except RunbookError:
+            return False
+
+    wait_until(up, timeout=ctx.settings.promote_timeout, interval=1.0, what=f"{name} to accept connections")
+
+
 def point_at_leader(ctx: Context, name: str, leader, lpg: PgHost, leader_tli: int, fork: int | None,
                     clock: Clock) -> Pending:
     """Judge the replica where it stands (before it is pointed anywhere): rebuild it if it provably
@@ -342,9 +357,7 @@ def point_at_leader(ctx: Context, name: str, leader, lpg: PgHost, leader_tli: in
     pg = ctx.pg(name)
     if not pg.has_data():
         return rebuild(ctx, name, leader, lpg, "its data directory is empty", clock)
-    if not pg.is_running():
-        pg.start(timeout=ctx.settings.promote_timeout)
-        pg.wait_ready(timeout=ctx.settings.promote_timeout)
+    ensure_up(ctx, name, pg)
     j = judge(observe(pg, leader_tli), leader_tli, fork)
     if j.verdict is Verdict.NOT_A_STANDBY:
         raise StepError(j.reason)

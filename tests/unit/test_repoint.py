@@ -212,6 +212,8 @@ class FakeNode:
         raise AssertionError(select)
 
     def query_one(self, select, **kw):
+        if select == "SELECT 1 AS ok":
+            return {"ok": 1}
         if "pg_walfile_name" in select:
             return {"tl": 3}
         if "pg_read_file" in select:

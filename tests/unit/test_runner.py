@@ -148,3 +148,28 @@ def test_a_journal_that_cannot_be_written_still_falls_back_and_says_so(tmp_path)
     assert "fell back" in message and "No space left on device" in message
     assert ctx.calls == ["stop", "fence", "revert fence", "revert stop"]   # flush never acted
     assert ctx.world == {"stop": False, "fence": False}
+
+
+def test_a_resume_must_belong_to_the_same_migration(tmp_path, monkeypatch):
+    import time as _time
+
+    from runbook.errors import ConfigError
+    from runbook.failover import run as run_mod
+    from runbook.settings import Settings
+
+    mine = {"stack": "dev", "outputs_hash": "abc", "source_database": "db.example:5432/app"}
+    monkeypatch.setattr(run_mod, "identity", lambda outputs, app: dict(mine))
+    settings = Settings(state_dir=tmp_path, resume_max_age=3600)
+
+    same = Journal.create(tmp_path, "failover-ec2", **mine)
+    run_mod.check_belongs(same, None, settings, None)          # no error
+
+    for key, other in (("stack", "prod"), ("outputs_hash", "def"), ("source_database", "other:5432/app")):
+        j = Journal.create(tmp_path / key, "failover-ec2", **{**mine, key: other})
+        with pytest.raises(ConfigError, match="belongs to another migration"):
+            run_mod.check_belongs(j, None, settings, None)
+
+    old = Journal.create(tmp_path / "old", "failover-ec2", **mine)
+    old.events[0]["ts"] = _time.time() - 7200
+    with pytest.raises(ConfigError, match="more than tern.resume_max_age"):
+        run_mod.check_belongs(old, None, settings, None)
