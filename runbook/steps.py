@@ -57,6 +57,7 @@ class Runner:
     steps: list[Step]
     confirm: Callable[[str], bool]
     fallback_timeout: float = 60.0
+    falls_back: bool = True        # False for set-up runs: a failure stops; running again resumes
     hooks: dict[str, Callable[[Any], None]] = field(default_factory=dict)
     progress: Callable[[str], None] = lambda msg: log.info(msg)
 
@@ -135,6 +136,9 @@ class Runner:
                     self._record(step.name, "failed", detail=reason, crossed=crossed)
                 except StepError:
                     pass
+                if not self.falls_back:
+                    raise StepError(f"{reason} (fix the cause and run the same command again to resume)",
+                                    step=step.name) from exc
                 if not self.past_point_of_no_return():
                     self._fall_back(ctx, reason, failed=step)
                 if self.journal_error:

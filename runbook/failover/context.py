@@ -56,8 +56,10 @@ class Context:
         if self.sessions is not None:
             self.sessions.close()
 
+    source_override: str | None = None   # hop 2: the EC2 leader is the source
+
     def source_url(self) -> str:
-        return source_url(self.app, self.outputs)
+        return self.source_override or source_url(self.app, self.outputs)
 
     def source_endpoint(self) -> tuple[str, int]:
         host, port, _ = url_endpoint(self.source_url())

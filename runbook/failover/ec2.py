@@ -45,6 +45,9 @@ from ..status import TIMELINE_SQL, replica_status
 from ..steps import Step
 from ..verify import gate
 from . import fence as fence_mod
+from .app_steps import (app_started, background_types, maintenance_on, restore_workers, start_app, stop_workers,
+                        workers_stopped)
+from .fence import next_xid
 from . import witness
 from .context import Context
 from .repoint import repoint
@@ -156,30 +159,7 @@ def snapshot(ctx: Context) -> dict[str, Any]:
     return {"snapshot": {name: where}, "detail": f"{name}: {where}"}
 
 
-# -- 3/4. stop the app ---------------------------------------------------------------------
-def background_types(ctx: Context) -> dict[str, int]:
-    return {t: n for t, n in ctx.data["formation"].items() if t != "web"}
-
-
-def stop_workers(ctx: Context) -> dict[str, Any]:
-    ctx.app.scale({t: 0 for t in background_types(ctx)}, timeout=ctx.settings.stop_app_timeout)
-    return {"detail": f"scaled {', '.join(background_types(ctx)) or 'nothing'} to 0"}
-
-
-def workers_stopped(ctx: Context) -> bool:
-    running = ctx.app.running()
-    return all(running.get(t, 0) == 0 for t in background_types(ctx))
-
-
-def restore_workers(ctx: Context) -> None:
-    ctx.app.scale(background_types(ctx), timeout=ctx.settings.stop_app_timeout)
-
-
-def maintenance_on(ctx: Context) -> dict[str, Any]:
-    ctx.app.set_maintenance(True)
-    return {"maintenance_at": time.time()}
-
-
+# -- 3/4. stop the app: runbook/failover/app_steps.py (shared with failover-aurora) -------
 # -- 5. fence ----------------------------------------------------------------------------
 def fence(ctx: Context) -> dict[str, Any]:
     done = fence_mod.apply(ctx.held(), app_url=ctx.source_url(), timeout=ctx.settings.stop_app_timeout,
@@ -378,11 +358,6 @@ def check_identity(ctx: Context, name: str) -> str:
     return f"system identifier {row['id']} matches; replayed {row['lsn']} >= final {ctx.data['final_lsn']}"
 
 
-def next_xid(conn) -> int:
-    """The source's next transaction id: it moves when anything writes (in any database of the cluster)."""
-    return int(conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()[0])
-
-
 def prove_nothing_after_final(ctx: Context) -> str:
     """Immediately before the promotion: no transaction started on the source since the flush, and
     the candidate replayed the final LSN. Otherwise the promotion would lose what the source took."""
@@ -478,17 +453,6 @@ def switch(ctx: Context) -> dict[str, Any]:
     host, port = leader_endpoint(ctx)
     return {"switched_at": time.time(), "detail": f"{ctx.outputs.source.database_url_var} -> {host}:{port} "
                                                   "(source URL kept in TERN_SOURCE_DATABASE_URL)"}
-
-
-def start_app(ctx: Context) -> dict[str, Any]:
-    ctx.app.set_maintenance(False)
-    ctx.app.scale(background_types(ctx), timeout=ctx.settings.stop_app_timeout)
-    return {"started_at": time.time(), "detail": f"maintenance off; formation {ctx.data['formation']}"}
-
-
-def app_started(ctx: Context) -> bool:
-    running = ctx.app.running()
-    return not ctx.app.maintenance() and all(running.get(t, 0) >= n for t, n in background_types(ctx).items())
 
 
 def smoke_test(ctx: Context) -> dict[str, Any]:

@@ -45,8 +45,9 @@ OTHER_SESSIONS_SQL = """
 SELECT a.pid, a.usename::text, coalesce(a.application_name, ''), pg_has_role(a.usename, 'MEMBER') AS mine
 FROM pg_stat_activity a JOIN pg_roles r ON r.oid = a.usesysid
 WHERE a.datname = current_database() AND coalesce(a.backend_type, 'client backend') = 'client backend'
-  AND NOT r.rolsuper AND NOT (a.pid = ANY(%s))
+  AND NOT r.rolsuper AND NOT (a.pid = ANY(%s)) AND a.usename::text <> 'tern_replicator'
 """
+# tern_replicator: tern's own replication role (its logical walsender feeds Aurora during hop 2)
 
 
 class SourceSessions:
@@ -240,3 +241,8 @@ def lift(url: str, sessions: SourceSessions | None, *, previous_limit: int, time
     with maintenance_connection(url, timeout=timeout, purpose="unfence") as conn:
         for st in statements:
             conn.execute(st)
+
+
+def next_xid(conn) -> int:
+    """The server's next transaction id: it moves when anything writes (in any database of the cluster)."""
+    return int(conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()[0])
