@@ -1,18 +1,13 @@
-"""DMS and snapshot adapters against moto, and botocore's Stubber where moto lacks an operation."""
+"""Snapshot adapters against moto (the DMS adapter: test_dms.py)."""
 
 from __future__ import annotations
 
-import datetime as dt
-
 import boto3
 import pytest
-from botocore.stub import Stubber
 from moto import mock_aws
 
 from runbook.adapters.aws_snapshots import AuroraSnapshots, EbsSnapshots
-from runbook.adapters.dms import DmsTask
 from runbook.contract import CommandChannel, Replica
-from runbook.errors import RunbookError, TimeoutExpired
 
 REGION = "us-east-1"
 
@@ -21,67 +16,6 @@ REGION = "us-east-1"
 def aws():
     with mock_aws():
         yield
-
-
-def make_task():
-    dms = boto3.client("dms", region_name=REGION)
-    arn = dms.create_replication_task(
-        ReplicationTaskIdentifier="tern-dms-task", SourceEndpointArn="arn:aws:dms:us-east-1:1:endpoint:SRC",
-        TargetEndpointArn="arn:aws:dms:us-east-1:1:endpoint:TGT",
-        ReplicationInstanceArn="arn:aws:dms:us-east-1:1:rep:INSTANCE", MigrationType="full-load-and-cdc",
-        TableMappings='{"rules": []}')["ReplicationTask"]["ReplicationTaskArn"]
-    return dms, arn
-
-
-def test_dms_start_stop_status_idempotent(aws):
-    dms, arn = make_task()
-    task = DmsTask(arn, dms=dms, cloudwatch=boto3.client("cloudwatch", region_name=REGION), sleep=lambda s: None)
-    assert task.status().status in ("ready", "creating")
-    task.start()
-    assert task.status().status in ("running", "starting")
-    task.start()   # already running: no second start
-    assert task.wait_for({"running"}, timeout=5).status == "running"
-    task.stop()
-    assert task.status().status in ("stopped", "stopping")
-    task.stop()
-    with pytest.raises(RunbookError, match="unknown DMS start type"):
-        task.start("sideways")
-    with pytest.raises(RunbookError, match="not found"):
-        DmsTask(arn + "x", dms=dms, cloudwatch=None, sleep=lambda s: None).status()
-
-
-def test_dms_wait_is_bounded(aws):
-    dms, arn = make_task()
-    task = DmsTask(arn, dms=dms, cloudwatch=None, sleep=lambda s: None)
-    with pytest.raises(TimeoutExpired, match="wanted"):
-        task.wait_for({"stopped"}, timeout=0)
-
-
-def test_dms_table_statistics_validation_and_cdc_latency():
-    dms = boto3.client("dms", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x")
-    cw = boto3.client("cloudwatch", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x")
-    arn = "arn:aws:dms:us-east-1:123456789012:task:ABCDEF"
-    d_stub, c_stub = Stubber(dms), Stubber(cw)
-    d_stub.add_response("describe_table_statistics", {"TableStatistics": [
-        {"SchemaName": "public", "TableName": "orders", "FullLoadRows": 10, "ValidationState": "Validated"}],
-        "Marker": "m1"}, {"ReplicationTaskArn": arn})
-    d_stub.add_response("describe_table_statistics", {"TableStatistics": [
-        {"SchemaName": "public", "TableName": "audit_events", "ValidationState": "No primary key"}]},
-        {"ReplicationTaskArn": arn, "Marker": "m1"})
-    d_stub.add_response("describe_replication_tasks", {"ReplicationTasks": [
-        {"ReplicationTaskArn": arn, "Status": "running",
-         "ReplicationInstanceArn": "arn:aws:dms:us-east-1:123456789012:rep:INST"}]})
-    d_stub.add_response("describe_replication_instances", {"ReplicationInstances": [
-        {"ReplicationInstanceIdentifier": "tern-dms-instance"}]})
-    now = dt.datetime.now(dt.timezone.utc)
-    for value in (2.0, 7.5):
-        c_stub.add_response("get_metric_statistics", {"Datapoints": [
-            {"Timestamp": now - dt.timedelta(minutes=2), "Maximum": 99.0},
-            {"Timestamp": now, "Maximum": value}]})
-    with d_stub, c_stub:
-        task = DmsTask(arn, dms=dms, cloudwatch=cw, sleep=lambda s: None)
-        assert task.validation_state() == {"public.orders": "Validated", "public.audit_events": "No primary key"}
-        assert task.cdc_latency() == {"CDCLatencySource": 2.0, "CDCLatencyTarget": 7.5}
 
 
 def replica(instance_id: str) -> Replica:
