@@ -65,6 +65,16 @@ class Aurora(pulumi.ComponentResource):
         self.register_outputs({"endpoint": self.cluster.endpoint, "reader_endpoint": self.cluster.reader_endpoint})
 
     @property
+    def cluster_identifier(self) -> pulumi.Output[str]:
+        """The cluster's identifier for the RDS API (an ``aws.rds.Cluster``'s ID is its identifier)."""
+        return self.cluster.id
+
+    @property
+    def parameter_group_name(self) -> pulumi.Output[str]:
+        """The cluster parameter group's name (a ``ClusterParameterGroup``'s ID is its name)."""
+        return self.parameter_group.id
+
+    @property
     def master_secret_arn(self) -> pulumi.Output[str]:
         return self.cluster.master_user_secrets.apply(lambda s: s[0]["secret_arn"] if s and isinstance(s[0], dict)
                                                       else (s[0].secret_arn if s else ""))

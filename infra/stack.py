@@ -100,7 +100,10 @@ def build(cfg: StackConfig, stack_name: str) -> Stack:
             for name, zone, inst in zip(replicas.names, replicas.zones, replicas.instances)],
         "aurora": {"writer_endpoint": aurora.cluster.endpoint, "reader_endpoint": aurora.cluster.reader_endpoint,
                    "port": 5432, "database": cfg.database, "master_user": "tern_master",
-                   "master_password": aurora.master_secret_arn.apply(lambda arn: f"aws-secretsmanager:{arn}#password")},
+                   "master_password": aurora.master_secret_arn.apply(lambda arn: f"aws-secretsmanager:{arn}#password"),
+                   # what only the RDS API does (parameter group, reboot, snapshots): runbook/adapters/aurora.py
+                   "api": {"kind": "rds", "cluster_identifier": aurora.cluster_identifier,
+                           "parameter_group": aurora.parameter_group_name, "region": cfg.region}},
         "dms": {"region": cfg.region, "replication_task_arn": dms.task.replication_task_arn,
                 "replication_instance_arn": dms.instance.replication_instance_arn,
                 "source_endpoint_arn": dms.source.endpoint_arn, "target_endpoint_arn": dms.target.endpoint_arn},

@@ -113,13 +113,51 @@ class Replica(_Model):
     commands: CommandChannel
 
 
+class AuroraLocalApi(_Model):
+    """The sandbox's stand-in for the RDS API: the Aurora node's own superuser over its unix socket.
+
+    Only :mod:`runbook.adapters.aurora` uses it, for what on AWS only the RDS API (parameter
+    groups, reboots, snapshots) or Aurora's ``rds_superuser`` (subscriptions) can do; the master
+    role itself is no superuser, as on Aurora.
+    """
+
+    kind: Literal["local"]
+    bin_dir: str = Field(min_length=1)
+    data_dir: str = Field(min_length=1)
+    socket_dir: str = Field(min_length=1)
+    port: Port
+    os_user: str = "postgres"
+    superuser: str = Field(default="postgres", min_length=1)
+    log_file: str | None = None
+
+
+class AuroraRdsApi(_Model):
+    """The real cluster's control plane: the RDS API in ``region``."""
+
+    kind: Literal["rds"]
+    cluster_identifier: str = Field(min_length=1)
+    parameter_group: str = Field(min_length=1)
+    region: str = Field(min_length=1)
+
+
+AuroraApiChannel = Annotated[AuroraLocalApi | AuroraRdsApi, Field(discriminator="kind")]
+
+
 class Aurora(_Model):
+    """The hop-2 target. Its master user is a member of ``rds_superuser``, never a superuser.
+
+    ``api`` says how to reach what only the RDS API can do (see :mod:`runbook.adapters.aurora`);
+    it is optional so that outputs written before it existed still parse, and the adapter
+    refuses to work without it.
+    """
+
     writer_endpoint: str = Field(min_length=1)
     reader_endpoint: str = Field(min_length=1)
     port: Port = 5432
     database: str = Field(min_length=1)
     master_user: str = Field(min_length=1)
     master_password: CredentialRef
+    api: AuroraApiChannel | None = None
 
 
 class Dms(_Model):

@@ -33,6 +33,8 @@ APP_DB = "app"
 APP_ROLE = "app"
 SANDBOX_SUPERUSER = "postgres"   # Heroku's own operator role: the runbook never uses it on the source
 AURORA_MASTER = "tern_master"
+RDS_SUPERUSER = "rds_superuser"   # Aurora's role of its master user: no SUPERUSER, no REPLICATION
+RDS_SUPERUSER_GRANTS = ("pg_read_all_data", "pg_write_all_data", "pg_signal_backend", "pg_monitor")
 DATASETS = ("inventory", "chinook")
 # Heroku's databases use en_US.UTF-8 (a glibc collation with a version the collation check compares);
 # without it (a laptop that has not generated it) the sandbox falls back to C.UTF-8, which has none
@@ -282,12 +284,26 @@ class Sandbox:
         conf = self._base_conf(pg.port, pg.socket_dir)
         conf.update({"wal_level": "logical", "max_replication_slots": 10, "max_logical_replication_workers": 8,
                      "max_worker_processes": 16})
+        # the node's own superuser is reached only over its 0700 socket directory: that is the RDS
+        # stand-in's privileged path (runbook/adapters/aurora.py), replication for its snapshots
         hba = (f"local all {SANDBOX_SUPERUSER} trust\n"
+               f"local replication {SANDBOX_SUPERUSER} trust\n"
                "host all all 127.0.0.1/32 scram-sha-256\n")
         self._init_cluster(pg, conf, hba, state)
-        # PostgreSQL 15 lets only a superuser create subscriptions; Aurora's rds_superuser can.
-        pg.psql(f"CREATE ROLE {AURORA_MASTER} LOGIN SUPERUSER PASSWORD {_literal(passwords['aurora_master_password'])}")
+        # Aurora has no superuser: its master is a member of rds_superuser. What PostgreSQL 15 keeps for a
+        # superuser and Aurora lets rds_superuser do (CREATE SUBSCRIPTION) goes through the stand-in.
+        grants = [g for g in RDS_SUPERUSER_GRANTS if state["pg_major"] >= 14 or "_all_data" not in g]  # 14+ roles
+        pg.psql(f"CREATE ROLE {RDS_SUPERUSER} NOLOGIN NOSUPERUSER NOREPLICATION CREATEROLE CREATEDB;\n"
+                f"GRANT {', '.join(grants)} TO {RDS_SUPERUSER};\n"
+                f"CREATE ROLE {AURORA_MASTER} LOGIN NOSUPERUSER NOREPLICATION CREATEROLE CREATEDB "
+                f"IN ROLE {RDS_SUPERUSER} PASSWORD {_literal(passwords['aurora_master_password'])};")
         pg.psql(f"CREATE DATABASE {APP_DB} OWNER {AURORA_MASTER}")
+
+    def _aurora_api(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The stand-in for the RDS API (contract ``aurora.api``, kind ``local``): the node's superuser."""
+        pg = self.node("aurora", state)
+        return {"kind": "local", "bin_dir": pg.bin_dir, "data_dir": pg.data_dir, "socket_dir": pg.socket_dir,
+                "port": pg.port, "os_user": self.os_user, "superuser": SANDBOX_SUPERUSER, "log_file": pg.log_file}
 
     def _write_outputs(self, state: dict[str, Any]) -> None:
         ref = f"file:{self.secrets_file}"
@@ -311,7 +327,8 @@ class Sandbox:
             "replicas": replicas,
             "aurora": {"writer_endpoint": "127.0.0.1", "reader_endpoint": "127.0.0.1",
                        "port": state["nodes"]["aurora"]["port"], "database": APP_DB,
-                       "master_user": AURORA_MASTER, "master_password": f"{ref}#aurora_master_password"},
+                       "master_user": AURORA_MASTER, "master_password": f"{ref}#aurora_master_password",
+                       "api": self._aurora_api(state)},
             "dms": None,
             "credentials": {"replication_password": f"{ref}#replication_password"},
         }

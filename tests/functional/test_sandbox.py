@@ -147,6 +147,72 @@ def test_up_twice_is_fine(sandbox):
     assert sandbox.app().running() == {"web": 1, "worker": 1}
 
 
+def aurora_master_url(a):
+    return make_url(a.writer_endpoint, a.port, a.master_user, resolve(a.master_password), a.database)
+
+
+def test_aurora_master_is_rds_superuser_like_and_subscriptions_go_through_the_api(sandbox):
+    from runbook.adapters.aurora import aurora_api_for
+    from runbook.contract import parse
+    from runbook.errors import ConfigError, RunbookError
+
+    a = parse(sandbox.outputs()).aurora
+    assert a.api is not None and a.api.kind == "local"
+    probe = ("CREATE SUBSCRIPTION tern_probe CONNECTION 'host=127.0.0.1 port=1 dbname=app user=x "
+             "password=probe-Pw-0c1d2e' PUBLICATION tern_pub WITH (connect = false)")
+    with psycopg.connect(aurora_master_url(a), autocommit=True) as conn:
+        row = conn.execute("SELECT rolsuper, rolreplication, rolcreaterole, rolcreatedb FROM pg_roles "
+                           "WHERE rolname = current_user").fetchone()
+        assert row == (False, False, True, True)
+        assert conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()"
+                            ).fetchone()[0] == a.master_user
+        for role in ("rds_superuser", "pg_read_all_data", "pg_write_all_data", "pg_signal_backend", "pg_monitor"):
+            assert conn.execute("SELECT pg_has_role(current_user, %s, 'MEMBER')", (role,)).fetchone()[0], role
+        assert conn.execute("SHOW wal_level").fetchone()[0] == "logical"
+        # what PostgreSQL 15 keeps for a superuser: not the master's
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(probe)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("ALTER SYSTEM SET work_mem = '8MB'")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("CREATE EXTENSION amcheck")   # not trusted: Aurora's master may, through the allow-list
+    api = aurora_api_for(a)
+    with pytest.raises(ConfigError):
+        api.subscription_statement(probe + "; DROP DATABASE app", a.database)
+    api.subscription_statement(probe, a.database)
+    try:
+        rows = api.query("SELECT subname, subenabled, subconninfo FROM pg_subscription", a.database)
+        assert [(r["subname"], r["subenabled"]) for r in rows] == [("tern_probe", False)]
+        with psycopg.connect(aurora_master_url(a), autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM pg_subscription").fetchone()[0] == 1
+        with pytest.raises(RunbookError, match="already exists") as exc:
+            api.subscription_statement(probe, a.database)
+        assert "probe-Pw-0c1d2e" not in str(exc.value)
+    finally:
+        api.subscription_statement("ALTER SUBSCRIPTION tern_probe SET (slot_name = NONE)", a.database)
+        api.subscription_statement("DROP SUBSCRIPTION tern_probe", a.database)
+    assert api.query("SELECT count(*) AS n FROM pg_subscription", a.database) == [{"n": 0}]
+    api.create_extension("amcheck", a.database)
+    assert api.query("SELECT extname FROM pg_extension WHERE extname = 'amcheck'", a.database) == [{"extname": "amcheck"}]
+
+
+def test_aurora_stand_in_parameters_reboot_and_snapshot(sandbox):
+    from runbook.adapters.aurora import aurora_api_for
+    from runbook.contract import parse
+
+    a = parse(sandbox.outputs()).aurora
+    api = aurora_api_for(a)
+    assert api.set_parameters({"max_logical_replication_workers": "6", "rds.logical_replication": "1"}) is True
+    api.reboot(timeout=60)
+    assert api.set_parameters({"max_logical_replication_workers": "6"}) is False
+    assert api.query("SELECT current_setting('max_logical_replication_workers') AS n", "postgres") == [{"n": "6"}]
+    with psycopg.connect(aurora_master_url(a), autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone()[0] == 1
+    assert not api.snapshot_exists("before-hop2")
+    path = api.snapshot("before-hop2", timeout=120)
+    assert path == a.api.data_dir + ".snapshots/before-hop2" and api.snapshot_exists("before-hop2")
+
+
 def test_bad_options_give_clear_errors(tmp_root):
     res = run_invoke("sandbox.up", "--replicas", "1", sandbox_dir=tmp_root / "sb")
     assert res.returncode == 2 and "replicas must be between 2" in res.stderr

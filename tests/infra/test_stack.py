@@ -106,6 +106,9 @@ def test_outputs_are_the_runbook_contract(built):
         assert contract.stack == stack_name and contract.rehearsal is (stack_name == "dev")
         assert [r.commands.kind for r in contract.replicas] == ["ssm"] * len(contract.replicas)
         assert contract.aurora.master_password.startswith("aws-secretsmanager:")
+        api = contract.aurora.api
+        assert api is not None and api.kind == "rds" and api.region == contract.region
+        assert api.cluster_identifier == "tern-aurora-cluster-id" and api.parameter_group == "tern-aurora-params-id"
         assert SECRET not in json.dumps(outputs)
         return True
 
