@@ -104,7 +104,9 @@ def ledger_figures(outputs: Outputs, ctx: dict[str, Any]) -> dict[str, Any]:
     acks = [e for e in entries if e.ev == "ack"]
     source = ctx.get("source_endpoint")
     leader = None
-    if ctx.get("new_leader"):
+    if ctx.get("new_leader") and ctx.get("target_endpoint"):
+        leader = ctx["target_endpoint"]          # hop 2: Aurora
+    elif ctx.get("new_leader"):
         r = outputs.replica(ctx["new_leader"])
         leader = f"{r.host}:{r.port}"
     figures: dict[str, Any] = {"acknowledged_writes": len(acks)}

@@ -25,10 +25,23 @@ class LocalSnapshots:
         target = self.path(label)
         self.pg.host.run(["rm", "-rf", target], timeout=60)
         self.pg.host.run(["mkdir", "-p", "-m", "700", self.root], timeout=30)
-        self.pg.host.run([f"{self.pg.bin_dir}/pg_basebackup", "-h", self.pg.socket_dir, "-p", str(self.pg.port),
-                          "-U", self.pg._user(), "-D", target, "-Ft", "-X", "stream", "-c", "fast", "--no-password"],
-                         timeout=timeout)
+        # a slot for the backup's own WAL stream: a standby fed by the archive removes restored segments
+        # at its restartpoints, and a long backup (gigabytes) would lose the WAL it still needs
+        slot = "tern_snapshot_" + "".join(ch if ch.isalnum() else "_" for ch in label.lower())[-40:]
+        self._drop_slot(slot)
+        try:
+            self.pg.host.run([f"{self.pg.bin_dir}/pg_basebackup", "-h", self.pg.socket_dir, "-p", str(self.pg.port),
+                              "-U", self.pg._user(), "-D", target, "-Ft", "-X", "stream", "-c", "fast",
+                              "--no-password", "-C", "-S", slot], timeout=timeout)
+        finally:
+            self._drop_slot(slot)
         return target
+
+    def _drop_slot(self, slot: str) -> None:
+        from ..postgres import literal
+
+        self.pg.psql(f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                     f"WHERE slot_name = {literal(slot)} AND NOT active")
 
 
 def snapshots_for(replica, pg: PgHost):

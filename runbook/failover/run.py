@@ -135,3 +135,54 @@ def _run(outputs: Outputs, settings: Settings, state_dir: Path, candidate: str |
         error.context["report"] = report
         raise error
     return report
+
+
+def failover_aurora(outputs: Outputs, settings: Settings, *, dry_run: bool = False,
+                    confirm: Callable[[str], bool], progress: Callable[[str], None] | None = None,
+                    hooks: dict[str, Callable[[Any], None]] | None = None) -> dict[str, Any]:
+    """Failover 2 (EC2 -> Aurora): run, resume or dry-run the plan of :mod:`.aurora`, then its report."""
+    from ..replication.leader import leader_url
+    from . import aurora
+
+    state_dir = Path(settings.state_dir)
+    app = app_for(outputs.app)
+    source = leader_url(app, outputs)
+    journal = Journal.current(state_dir, aurora.KIND)
+    if journal is not None:
+        check_belongs(journal, outputs, settings, app)
+    if dry_run:
+        journal = journal or Journal(Path("/dev/null"), "dry-run", aurora.KIND)
+        ctx = Context(outputs, settings, app, journal, data=journal.context(), progress=progress,
+                      source_override=source)
+        runner = Runner(journal, aurora.plan(), confirm=confirm)
+        rows = [{"step": s.name, "title": s.title, "state": state} for s, state in runner.plan(ctx)]
+        try:
+            pre = aurora.preflight(ctx)
+            error = None
+        except Exception as exc:  # noqa: BLE001 - a dry run reports what would stop the real one
+            pre, error = {}, str(exc)
+        return {"dry_run": True, "kind": aurora.KIND, "plan": rows, "preflight": pre.get("detail"),
+                "preflight_error": error}
+    with RunLock(state_dir, aurora.KIND):
+        if journal is None:
+            journal = Journal.create(state_dir, aurora.KIND, **identity(outputs, app))
+        elif progress:
+            progress(f"resuming run {journal.run_id}")
+        ctx = Context(outputs, settings, app, journal, data=journal.context(), progress=progress,
+                      source_override=journal.context().get("leader_url") or source)
+        ctx.data.setdefault("leader_url", source)
+        runner = Runner(journal, aurora.plan(), confirm=confirm, hooks=hooks or {},
+                        progress=progress or (lambda m: None))
+        error: StepError | None = None
+        try:
+            runner.run(ctx)
+        except StepError as exc:
+            error = exc
+        finally:
+            ctx.close()
+        report = report_mod.build(journal, outputs)
+        report_mod.save(journal, report)
+    if error is not None:
+        error.context["report"] = report
+        raise error
+    return report

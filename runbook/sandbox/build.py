@@ -33,7 +33,10 @@ APP_DB = "app"
 APP_ROLE = "app"
 SANDBOX_SUPERUSER = "postgres"   # Heroku's own operator role: the runbook never uses it on the source
 AURORA_MASTER = "tern_master"
-RDS_SUPERUSER = "rds_superuser"   # Aurora's role of its master user: no SUPERUSER, no REPLICATION
+RDS_SUPERUSER = "rds_superuser"   # Aurora's role of its master user: no SUPERUSER
+# With rds.logical_replication = 1 Aurora grants its master rds_replication: it may open replication
+# connections (a subscription on EC2 reads Aurora's changes for the rollback). PostgreSQL 15 has no
+# such role: the stand-in gives the master the REPLICATION attribute instead.
 RDS_SUPERUSER_GRANTS = ("pg_read_all_data", "pg_write_all_data", "pg_signal_backend", "pg_monitor")
 DATASETS = ("inventory", "chinook")
 # Heroku's databases use en_US.UTF-8 (a glibc collation with a version the collation check compares);
@@ -295,7 +298,7 @@ class Sandbox:
         grants = [g for g in RDS_SUPERUSER_GRANTS if state["pg_major"] >= 14 or "_all_data" not in g]  # 14+ roles
         pg.psql(f"CREATE ROLE {RDS_SUPERUSER} NOLOGIN NOSUPERUSER NOREPLICATION CREATEROLE CREATEDB;\n"
                 f"GRANT {', '.join(grants)} TO {RDS_SUPERUSER};\n"
-                f"CREATE ROLE {AURORA_MASTER} LOGIN NOSUPERUSER NOREPLICATION CREATEROLE CREATEDB "
+                f"CREATE ROLE {AURORA_MASTER} LOGIN NOSUPERUSER REPLICATION CREATEROLE CREATEDB "
                 f"IN ROLE {RDS_SUPERUSER} PASSWORD {_literal(passwords['aurora_master_password'])};")
         pg.psql(f"CREATE DATABASE {APP_DB} OWNER {AURORA_MASTER}")
 

@@ -13,11 +13,14 @@ __all__ = ["MODES", "VerifyReport", "gate", "verify"]
 
 
 def gate(source_url: str, target_url: str, *, sample_percent: float, sample_rows: int, sample_timeout: float,
-         sequences: str = "at_least", timeout: float = 10.0, source_connections=None) -> VerifyReport:
+         sequences: str = "at_least", timeout: float = 10.0, source_connections=None,
+         ignore_extensions: bool = False) -> VerifyReport:
     """What a failover checks inside its window, in O(catalog + sample), never O(rows): the schema,
     every sequence, and a sample of rows (``sample_percent``, at most ``sample_rows`` per table,
     each statement within ``sample_timeout``) compared in full. Unlogged tables are listed, not
-    compared (a physical copy has them empty). The full verification runs outside the window."""
+    compared (a physical copy has them empty). The full verification runs outside the window.
+    ``ignore_extensions``: an extension missing on the target is not a difference (hop 2: Aurora
+    offers an allow-list; the risk register named the ones left out)."""
     return verify(source_url, target_url, mode="sample", sample_percent=sample_percent, sequences=sequences,
                   timeout=timeout, jobs=1, counts=False, sample_rows=sample_rows, sample_timeout=sample_timeout,
-                  source_connections=source_connections, skip_unlogged=True)
+                  source_connections=source_connections, skip_unlogged=True, ignore_extensions=ignore_extensions)

@@ -229,13 +229,14 @@ SELECT n.nspname || '.' || c.relname,
        c.relpersistence
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
-  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%'
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'tern') AND n.nspname NOT LIKE 'pg_toast%%'
   AND n.nspname NOT LIKE 'pg_temp%%'
 ORDER BY 1
 """
 
 SEQUENCES_SQL = ("SELECT schemaname || '.' || sequencename, last_value, has_sequence_privilege("
-                 "quote_ident(schemaname) || '.' || quote_ident(sequencename), 'SELECT') FROM pg_sequences ORDER BY 1")
+                 "quote_ident(schemaname) || '.' || quote_ident(sequencename), 'SELECT') FROM pg_sequences "
+                 "WHERE schemaname <> 'tern' ORDER BY 1")
 
 INTEGER_TYPES = {"smallint", "integer", "bigint"}
 
@@ -328,7 +329,7 @@ def verify(source_url: str, target_url: str, *, mode: str = "full", tables: list
            timeout: float = 10.0, progress: Progress | None = None, sample_rows: int = MAX_SAMPLE_ROWS,
            sample_timeout: float = SAMPLE_TIMEOUT, counts: bool = True,
            source_connections: list[psycopg.Connection] | None = None,
-           skip_unlogged: bool = False) -> VerifyReport:
+           skip_unlogged: bool = False, ignore_extensions: bool = False) -> VerifyReport:
     """Compare ``target_url`` with ``source_url``. In ``sample`` mode the sample is spread over the
     whole table (block sampling), at most ``sample_rows`` rows per table, each statement bounded by
     ``sample_timeout`` seconds; ``counts=False`` skips the O(rows) row counts (a failover's window).
@@ -361,6 +362,9 @@ def verify(source_url: str, target_url: str, *, mode: str = "full", tables: list
         d_tables = _tables(dst.coordinator)
         wanted = _select(tables, s_tables, d_tables)
         report.schema = schema_mod.compare(s_schema, d_schema, set(wanted) if tables else None)
+        if ignore_extensions:
+            report.schema = [line for line in report.schema
+                             if not (line.startswith("extension ") and line.endswith("is missing on the target"))]
         if mode == "schema":
             report.seconds = time.monotonic() - t0
             return report

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import psycopg
 
-USER_SCHEMAS = "n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%%' " \
+# 'tern': tern's own objects (hop 2's sentinel table and DDL guard), never the app's data
+USER_SCHEMAS = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'tern') AND n.nspname NOT LIKE 'pg_toast%%' " \
                "AND n.nspname NOT LIKE 'pg_temp%%'"
 
 QUERIES = {

@@ -1,0 +1,118 @@
+"""The schema, copied from the EC2 leader to Aurora as Aurora's master role (no superuser there).
+
+* The app's role is created on Aurora with the same SCRAM verifier (read on the leader, where tern
+  is superuser): the app's own URL works unchanged at Aurora. The master is made a member of it,
+  and the app's database is handed to it, as on Heroku (the app owns its database: the fence works
+  there too, for the rollback).
+* ``pg_dump --schema-only --no-owner --no-acl`` on the leader's host; restored with ``SET ROLE``
+  to the app's role, so every object belongs to it. Extensions Aurora does not offer are left out.
+* Split for a fast initial copy: tables, sequences and primary keys before the copy (the keys are
+  the replica identity the apply needs); secondary indexes, foreign keys and triggers after.
+"""
+
+from __future__ import annotations
+
+import re
+
+import psycopg
+from psycopg import sql
+
+from ..errors import DatabaseError, PreflightError
+from ..pg import url_user
+from ..postgres import PgHost, literal
+
+ENTRY = re.compile(r"^--\n-- (?:Name|Data for Name): .*?; Type: (?P<type>[A-Z ]+);", re.M)
+
+
+def dump(leader: PgHost, database: str, section: str) -> str:
+    argv = [f"{leader.bin_dir.rstrip('/')}/pg_dump", "-h", leader.socket_dir, "-p", str(leader.port),
+            "-U", leader._user(), "-d", database, "--schema-only", "--no-owner", "--no-acl",
+            f"--section={section}", "--no-comments", "--no-publications", "--no-subscriptions"]
+    res = leader.host.run(argv, timeout=600)
+    # psql meta-commands (pg_dump's \restrict guard lines) are not SQL: the restore runs over psycopg
+    return "".join(line for line in res.stdout.splitlines(keepends=True) if not line.startswith("\\"))
+
+
+def entries(text: str) -> list[tuple[str, str]]:
+    """(type, statement text) per dump entry."""
+    marks = list(ENTRY.finditer(text))
+    out = []
+    for i, m in enumerate(marks):
+        end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
+        out.append((m["type"].strip(), text[m.start():end]))
+    return out
+
+
+def preamble(text: str) -> str:
+    m = ENTRY.search(text)
+    return text[:m.start()] if m else text
+
+
+def without_extensions(text: str, allowed: set[str]) -> tuple[str, list[tuple[str, str | None]], list[str]]:
+    """The dump without its CREATE EXTENSION entries; (name, schema) of those Aurora offers (created
+    through the Aurora adapter, as rds_superuser may), and the names of those it does not."""
+    skipped: list[str] = []
+    wanted: list[tuple[str, str | None]] = []
+    kept = []
+    for kind, body in entries(text):
+        if kind == "EXTENSION":
+            m = re.search(r"CREATE EXTENSION IF NOT EXISTS (\S+)(?: WITH SCHEMA (\S+))?;", body)
+            ext = m.group(1).strip('"') if m else ""
+            if ext in allowed:
+                wanted.append((ext, m.group(2).strip('"') if m and m.group(2) else None))
+            else:
+                skipped.append(ext)
+            continue
+        kept.append(body)
+    return preamble(text) + "".join(kept), wanted, skipped
+
+
+def split_post_data(text: str) -> tuple[str, str]:
+    """(primary keys, the rest): keys before the initial copy, the rest after it."""
+    keys, rest = [], []
+    for kind, body in entries(text):
+        if kind == "EVENT TRIGGER":
+            continue   # tern's DDL guard belongs to the leader only
+        (keys if kind == "CONSTRAINT" and "PRIMARY KEY" in body else rest).append(body)
+    head = preamble(text)
+    return head + "".join(keys), head + "".join(rest)
+
+
+def copy_role(leader: PgHost, database: str, aurora: psycopg.Connection, role: str, master: str) -> str:
+    """The app's role on Aurora with the leader's password verifier; the master a member; the app's
+    database owned by it. Returns what was done."""
+    row = leader.query_one(f"SELECT rolpassword AS v FROM pg_authid WHERE rolname = {literal(role)}",
+                           database=database)
+    verifier = row["v"]
+    if not verifier or not str(verifier).startswith("SCRAM-SHA-256$"):
+        raise PreflightError(f"the app's role {role} has no SCRAM password on the leader: cannot copy it to Aurora")
+    exists = aurora.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+    verb = "ALTER" if exists else "CREATE"
+    aurora.execute(sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(verifier)))
+    aurora.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(role), sql.Identifier(master)))
+    db = aurora.execute("SELECT current_database()").fetchone()[0]
+    aurora.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(sql.Identifier(db), sql.Identifier(role)))
+    return f"role {role} {'updated' if exists else 'created'} on Aurora (same password verifier), owns {db}"
+
+
+def restore(aurora: psycopg.Connection, text: str, role: str, what: str) -> None:
+    """Run dump text on Aurora as the app's role; a statement Aurora refuses stops it with a clear message."""
+    try:
+        with aurora.transaction():
+            aurora.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
+            aurora.execute(text)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise PreflightError(f"Aurora refused part of the {what} (no superuser there): "
+                             f"{str(exc).strip().splitlines()[0]}") from None
+    except psycopg.Error as exc:
+        raise DatabaseError(f"copying the {what} to Aurora failed: {str(exc).strip().splitlines()[0]}") from None
+
+
+def has_tables(aurora: psycopg.Connection) -> bool:
+    return bool(aurora.execute(
+        "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') "
+        "AND n.nspname NOT IN ('pg_catalog', 'information_schema') LIMIT 1").fetchone())
+
+
+def app_role(app_url: str) -> str:
+    return url_user(app_url)

@@ -1,0 +1,80 @@
+"""Hop 2 (EC2 -> Aurora) against real PostgreSQL: replicate-aurora, failover-aurora, the app on Aurora."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import psycopg
+import pytest
+
+from runbook.errors import StepError
+from runbook.failover import aurora as aurora_plan
+from runbook.failover.run import failover_aurora
+from runbook.replication.leader import aurora_master_url
+from runbook.replication.setup import replicate_aurora
+from tests.conftest import make_root
+from tests.functional.test_failover_ec2 import Env, assert_nothing_lost
+
+pytestmark = pytest.mark.functional
+
+
+@pytest.fixture
+def hop2():
+    root = make_root()
+    e = Env(root)
+    e.restore()
+    e.failover()                      # hop 1: the app on the EC2 leader
+    time.sleep(1.0)
+    yield e
+    e.sb.down(check_ledger=False)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_both_hops_end_to_end(hop2):
+    e = hop2
+    with pytest.raises(StepError, match="audit_events.*--replica-identity-full") as refused:
+        replicate_aurora(e.outputs, e.settings)                # a table without a key: refused by default
+    assert any(f["severity"] == "block" for f in refused.value.context["risk_register"])
+    setup = replicate_aurora(e.outputs, e.settings, replica_identity_full=True)
+    assert setup["outcome"] == "completed"
+    risks = {f["risk"]: f for f in setup["risk_register"]}
+    assert risks["tables without a primary key or replica identity"]["severity"] == "warn"
+    assert "sequences" in risks and "public.invoice_number_seq" in risks["sequences"]["objects"]
+    again = replicate_aurora(e.outputs, e.settings, replica_identity_full=True)   # safe to run again
+    assert again["outcome"] == "completed"
+    time.sleep(2.0)
+    report = failover_aurora(e.outputs, e.settings, confirm=lambda q: True)
+    assert report["outcome"] == "completed", report
+    assert [s["name"] for s in report["steps"]] == aurora_plan.STEP_NAMES
+    assert report["missing_on_target"] == 0 and report["acknowledged_writes"] > 0
+    assert report["write_unavailability"]["seconds"] is not None
+    a = e.outputs.aurora
+    assert f":{a.port}/" in e.app_url()
+    # every sequence-backed table takes an insert on Aurora (sequences were synced)
+    with psycopg.connect(e.app_url(), autocommit=True) as conn:
+        conn.execute("INSERT INTO warehouses (code, name, region) VALUES ('WHX', 'x', 'x')")
+        conn.execute("INSERT INTO orders (order_ref, channel, customer_email, status, total_cents) "
+                     "VALUES (gen_random_uuid(), 'test', 'x@example.com', 'paid', 1)")
+        conn.execute("SELECT nextval('invoice_number_seq')")
+    # the reverse replication carries Aurora's writes back to the EC2 leader
+    leader = e.sb.node(report["steps"][0]["detail"].split()[1].rstrip(";"))
+    deadline = time.monotonic() + 30
+    while not leader.query("SELECT 1 FROM warehouses WHERE code = 'WHX'", database="app"):
+        assert time.monotonic() < deadline, "Aurora's write did not reach the EC2 leader"
+        time.sleep(0.2)
+    assert_nothing_lost(e, report)
+
+
+def test_hop2_refuses_without_replication_and_ddl_is_guarded(hop2):
+    e = hop2
+    before = e.app_url()
+    with pytest.raises(StepError, match="replicate-aurora"):
+        failover_aurora(e.outputs, e.settings, confirm=lambda q: True)
+    assert e.app_url() == before and not e.sb.app().maintenance()
+    replicate_aurora(e.outputs, e.settings, replica_identity_full=True)
+    with psycopg.connect(e.app_url(), autocommit=True) as conn:
+        with pytest.raises(psycopg.Error, match="replicates to Aurora"):
+            conn.execute("CREATE TABLE sneaky (id int)")
+    with psycopg.connect(aurora_master_url(e.outputs), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_subscription").fetchone()[0] == 1
