@@ -10,9 +10,10 @@ from invoke import Exit, task
 from .. import status as status_mod
 from ..contract import load
 from ..errors import StepError
-from ..failover.run import failover_ec2
+from ..failover.run import failover_aurora, failover_ec2
+from ..replication.setup import replicate_aurora
 from ..restore import restore_all
-from .common import (byte_progress, human, parse_float, print_json, progress_status, say, stack_settings,
+from .common import (byte_progress, human, parse_float, parse_int, print_json, progress_status, say, stack_settings,
                      task_errors)
 from .environment import render
 from .failover import render_report
@@ -24,15 +25,19 @@ MAX_SECONDS = 24 * 3600
 @task(help={"seconds": "how long the app writes before the migration starts (default 5)",
             "scale": f"data size multiplier, 1 to {MAX_SCALE}", "dataset": "inventory or chinook",
             "rate": "app commits per second", "keep": "leave the sandbox up afterwards",
-            "json": "print the final report as JSON on stdout; tables and progress go to stderr"})
+            "hops": "2: Heroku -> EC2 -> Aurora (default); 1: Heroku -> EC2 only",
+            "json": "print the final report as JSON on stdout (the last hop's, with failover_ec2 holding "
+                    "hop 1's); tables and progress go to stderr"})
 @task_errors
-def rehearse(c, seconds=None, scale=None, dataset=None, rate=None, keep=False, json=False):
-    """The whole migration on the sandbox with the app writing throughout, ending with the report.
+def rehearse(c, seconds=None, scale=None, dataset=None, rate=None, keep=False, hops=None, json=False):
+    """The whole migration on the sandbox with the app writing throughout, ending with the reports.
 
     Sandbox up -> restore the EC2 replicas from the archive -> catch up -> failover-ec2 ->
-    report -> app stopped, ledger checked against the new leader -> sandbox down.
-    The run and its report stay in <state_dir>/local/runs after the sandbox is gone (`invoke report`).
+    replicate-aurora -> failover-aurora -> app stopped, ledger checked against the database the
+    app ends on -> sandbox down. The runs and their reports stay in <state_dir>/local/runs after
+    the sandbox is gone (`invoke report`).
     """
+    hops = parse_int("hops", hops, min=1, max=2) or 2
     seconds = parse_float("seconds", seconds, min=0, max=MAX_SECONDS)
     seconds = 5.0 if seconds is None else seconds
     sb, s = sandbox_for(c, **sandbox_flags(scale=scale, dataset=dataset, rate=rate))
@@ -65,6 +70,24 @@ def rehearse(c, seconds=None, scale=None, dataset=None, rate=None, keep=False, j
                 raise
         render_report(report, show)
         render(status_mod.gather(o, timeout=s.connect_timeout), show)
+        first = report
+        if hops == 2:
+            with progress_status("replicate-aurora", echo=True) as update:
+                setup = replicate_aurora(o, run_settings, replica_identity_full=True, progress=update)
+            say(f"replication into Aurora running: initial copy in {setup.get('initial_sync_seconds')} s")
+            time.sleep(min(seconds, 2.0))
+            with progress_status("failover-aurora", echo=True) as update:
+                try:
+                    report = failover_aurora(o, run_settings, confirm=lambda q: True, progress=update)
+                except StepError as exc:
+                    report = exc.context.get("report")
+                    if report:
+                        render_report(report, show)
+                        if json:
+                            print_json(report)
+                    raise
+            render_report(report, show)
+            report["failover_ec2"] = first
         result = sb.check_ledger_after_stop()
         report["final_ledger_check"] = result
         saved = run_settings.state_dir / "runs" / report["run_id"] / "report.json"
@@ -74,6 +97,10 @@ def rehearse(c, seconds=None, scale=None, dataset=None, rate=None, keep=False, j
             sb.down(check_ledger=False)
     if json:
         print_json(report)
+    for r in ([report["failover_ec2"]] if report.get("failover_ec2") else []) + [report]:
+        w = r.get("write_unavailability") or {}
+        show.print(f"{r['kind']}: write-unavailability window {w.get('seconds')} s, "
+                   f"{r.get('missing_on_target')} acknowledged writes missing", markup=False)
     show.print(f"ledger check on {result['endpoint']}: {result['acknowledged']} acknowledged writes, "
                f"{result['missing']} lost, {result['unexplained']} unexplained rows; report saved in {saved} "
                f"(`invoke report --run {report['run_id']}`)", markup=False)

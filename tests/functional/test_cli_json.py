@@ -55,6 +55,11 @@ def test_rehearse_json_then_report_after_the_sandbox_is_gone(tmp_root):
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout)            # nothing but the report on stdout
     assert report["outcome"] == "completed" and report["final_ledger_check"]["ok"] is True
+    # both hops: the last report is hop 2's, hop 1's rides along; each has the documented keys
+    assert report["kind"] == "failover-aurora" and report["failover_ec2"]["kind"] == "failover-ec2"
+    for r in (report, report["failover_ec2"]):
+        assert r["outcome"] == "completed" and r["missing_on_target"] == 0 and r["acknowledged_writes"] > 0
+        assert r["write_unavailability"]["seconds"] is not None
     for needle in ("building the sandbox", "restoring ec2-a", "failover-ec2", "tern status", "ledger check on"):
         assert needle in res.stderr, needle    # tables and progress, on stderr, without a terminal
     run_dir = state / "local" / "runs" / report["run_id"]
