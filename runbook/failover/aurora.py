@@ -162,10 +162,11 @@ def unfence(ctx: Context) -> None:
 def catch_up(ctx: Context) -> dict[str, Any]:
     conn = ctx.held().control
     if ctx.data.get("final_next_xid") is None:
+        fence_mod.wait_quiet(conn, timeout=ctx.settings.stop_app_timeout, interval=ctx.settings.poll_interval)
         conn.execute(sql.SQL("INSERT INTO {}.sentinel (run_id) VALUES (%s) ON CONFLICT DO NOTHING").format(
             sql.Identifier(TERN_SCHEMA)), (ctx.journal.run_id,))
         final = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
-        xid = str(next_xid(conn))
+        xid = str(fence_mod.prove_quiet(conn, {next_xid(conn)}, what=ctx.data["leader"]))
         ctx.journal.record("catch_up", "progress", context={"final_lsn": final, "final_next_xid": xid})
         ctx.data.update(final_lsn=final, final_next_xid=xid)
     t0 = time.monotonic()
@@ -205,7 +206,8 @@ def sequences(ctx: Context) -> dict[str, Any]:
             want = int(last) + SEQUENCE_MARGIN * int(step)
             if current is not None and current[1] and (int(current[0]) - want) * int(step) >= 0:
                 continue   # already at or past (a resumed run)
-            master.execute("SELECT setval(%s, %s, true)", (f'"{schema_name}"."{name}"', want))
+            master.execute("SELECT setval(format('%%I.%%I', %s::text, %s::text)::regclass, %s, true)",
+                           (schema_name, name, want))
             done.append(f"{schema_name}.{name}")
     return {"sequences_synced": len(done),
             "detail": f"{len(done)} sequences set on Aurora to the leader's value + {SEQUENCE_MARGIN} steps"}
@@ -227,19 +229,21 @@ def verify(ctx: Context) -> dict[str, Any]:
 
 # -- 9. the point of no return ---------------------------------------------------------------------
 def prove_nothing_after_final(ctx: Context) -> str:
-    want = int(ctx.data["final_next_xid"])
+    accepted = {int(ctx.data["final_next_xid"])}
+    if ctx.data.get("seal_next_xid"):
+        accepted.add(int(ctx.data["seal_next_xid"]))
     try:
-        now = next_xid(ctx.held().control)
-    except RunbookError:
-        with fence_mod.maintenance_connection(ctx.source_url(), timeout=ctx.settings.connect_timeout,
-                                              purpose="final-proof") as conn:
-            now = next_xid(conn)
-    if now != want:
-        raise NotPromoted(f"the leader's next transaction id moved from {want} to {now} after the final LSN "
-                          "(something wrote after the fence): not switching")
+        sessions = ctx.held()
+        fence_mod.terminate_others(sessions, timeout=ctx.settings.stop_app_timeout,
+                                   interval=ctx.settings.poll_interval)
+        xmax = fence_mod.prove_quiet(sessions.control, accepted, what=ctx.data["leader"])
+    except NotPromoted:
+        raise
+    except (RunbookError, psycopg.Error) as exc:
+        raise NotPromoted(f"cannot prove that nothing was written after the final LSN: {exc}") from None
     if applied_final(ctx) is None:
         raise NotPromoted("Aurora has not confirmed the final LSN: not switching")
-    return f"next xid {now} unchanged since the sentinel; Aurora confirmed the final LSN"
+    return f"no transaction since the sentinel (xmax {xmax}, none running); Aurora confirmed the final LSN"
 
 
 def switch_over(ctx: Context) -> dict[str, Any]:
@@ -250,14 +254,18 @@ def switch_over(ctx: Context) -> dict[str, Any]:
         forward_enabled = master.execute("SELECT subenabled FROM pg_subscription WHERE subname = %s",
                                          (SUBSCRIPTION,)).fetchone()
     if forward_enabled and forward_enabled[0]:
-        proof = prove_nothing_after_final(ctx)
-        try:   # the leader never admits a session again (tern's own stay open)
-            conn = ctx.held().control
-            conn.execute(sql.SQL("ALTER DATABASE {} CONNECTION LIMIT 0").format(sql.Identifier(db)))
-            # the seal keeps every client out; the reverse replication's apply must write here
-            conn.execute(sql.SQL("ALTER DATABASE {} RESET default_transaction_read_only").format(sql.Identifier(db)))
-        except (RunbookError, psycopg.Error) as exc:
-            raise NotPromoted(f"cannot seal the leader: {exc}") from None
+        prove_nothing_after_final(ctx)
+        if not ctx.data.get("seal_next_xid"):
+            try:   # the leader never admits a session again (tern's own stay open)
+                after = fence_mod.seal(ctx.held().control, db)
+            except (RunbookError, psycopg.Error) as exc:
+                raise NotPromoted(f"cannot seal the leader: {exc}") from None
+            ctx.journal.record("switch_over", "progress", context={"seal_next_xid": str(after)})
+            ctx.data["seal_next_xid"] = str(after)
+        proof = prove_nothing_after_final(ctx)   # again, after the seal
+        # the seal keeps every client out; the reverse replication's apply must write here
+        ctx.held().control.execute(sql.SQL("ALTER DATABASE {} RESET default_transaction_read_only").format(
+            sql.Identifier(db)))
         api.subscription_statement(f"ALTER SUBSCRIPTION {SUBSCRIPTION} DISABLE", ctx.outputs.aurora.database)
     reverse = start_reverse(ctx, leader_pg, db)
     return {"switched_over_at": time.time(), "new_leader": "aurora", "final_proof": proof, "reverse": reverse,
@@ -280,8 +288,10 @@ def start_reverse(ctx: Context, leader_pg, db: str) -> str:
                                .format(sql.Identifier(REVERSE), sql.SQL(", ").join(sql.SQL(t) for t in tables)))
     if not leader_pg.query(f"SELECT 1 FROM pg_subscription WHERE subname = {literal(REVERSE)}", database=db):
         a = ctx.outputs.aurora
+        # TLS to Aurora on AWS (rds.force_ssl); the sandbox's stand-in has no certificate
+        tls = "prefer" if a.api is not None and a.api.kind == "local" else "require"
         info = native.conninfo(a.writer_endpoint, a.port, a.database, resolve(a.master_password),
-                               user=a.master_user, sslmode="prefer")
+                               user=a.master_user, sslmode=tls)
         leader_pg.psql(native.BYPASS_GUARD + "SET default_transaction_read_only = off;\n"
                        + f"CREATE SUBSCRIPTION {REVERSE} CONNECTION {literal(info)} "
                        f"PUBLICATION {REVERSE} WITH (copy_data = false);", database=db)

@@ -257,6 +257,8 @@ def flush(ctx: Context) -> dict[str, Any]:
     updates: dict[str, Any] = {}
     conn = ctx.held().control
     if ctx.data.get("final_lsn") is None:
+        # nothing that could commit later may be running when the final LSN is taken
+        fence_mod.wait_quiet(conn, timeout=ctx.settings.stop_app_timeout, interval=ctx.settings.poll_interval)
         final = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
         # journaled at once: a resumed run waits for this same LSN
         ctx.journal.record("flush", "progress", context={"final_lsn": final})
@@ -272,8 +274,9 @@ def flush(ctx: Context) -> dict[str, Any]:
             fill = seg - pos % seg + 64
             with conn.transaction():
                 conn.execute("SELECT pg_logical_emit_message(true, 'tern-flush', repeat('x', %s))", (fill,))
-        # from here on no transaction may start on the source: the promotion proves it (the next xid stays)
-        xid = str(next_xid(conn))
+        # from here on no transaction may start on the source: the promotion proves it (the snapshot's
+        # xmax stays, and nothing is in progress); something already running now breaks the fence
+        xid = str(fence_mod.prove_quiet(conn, {next_xid(conn)}, what="the source"))
         ctx.journal.record("flush", "progress", context={"final_next_xid": xid})
         ctx.data["final_next_xid"] = xid
     t0 = time.monotonic()
@@ -359,23 +362,26 @@ def check_identity(ctx: Context, name: str) -> str:
 
 
 def prove_nothing_after_final(ctx: Context) -> str:
-    """Immediately before the promotion: no transaction started on the source since the flush, and
-    the candidate replayed the final LSN. Otherwise the promotion would lose what the source took."""
+    """Immediately before the promotion: every other session still gone, no transaction started on
+    the source since the flush (or since tern's own seal) and none running, and the candidate replayed
+    the final LSN. Otherwise the promotion would lose what the source took: NotPromoted, fall back."""
     name = ctx.data["candidate"]
-    want = int(ctx.data["final_next_xid"])
+    accepted = {int(ctx.data["final_next_xid"])}
+    if ctx.data.get("seal_next_xid"):
+        accepted.add(int(ctx.data["seal_next_xid"]))
     try:
-        now = next_xid(ctx.held().control)
-    except RunbookError:
-        with fence_mod.maintenance_connection(ctx.source_url(), timeout=ctx.settings.connect_timeout,
-                                              purpose="final-proof") as conn:
-            now = next_xid(conn)
-    if now != want:
-        raise NotPromoted(f"the source's next transaction id moved from {want} to {now} after the final LSN "
-                          "(something wrote after the fence): not promoting")
+        sessions = ctx.held()
+        fence_mod.terminate_others(sessions, timeout=ctx.settings.stop_app_timeout,
+                                   interval=ctx.settings.poll_interval)
+        xmax = fence_mod.prove_quiet(sessions.control, accepted, what="the source")
+    except NotPromoted:
+        raise
+    except (RunbookError, psycopg.Error) as exc:
+        raise NotPromoted(f"cannot prove that nothing was written after the final LSN: {exc}") from None
     lsn = replayed(ctx, name)
     if (lsn or 0) < lsn_to_int(ctx.data["final_lsn"]):
         raise NotPromoted(f"{name} has replayed only {lsn} < final LSN {ctx.data['final_lsn']}: not promoting")
-    return f"next xid {now} unchanged since the flush; {name} replayed the final LSN"
+    return f"no transaction since the flush (xmax {xmax}, none running); {name} replayed the final LSN"
 
 
 # -- 8. promote (point of no return) -------------------------------------------------
@@ -384,8 +390,9 @@ def promote(ctx: Context) -> dict[str, Any]:
     pg = ctx.pg(name)
     proof = "already promoted"
     if pg.query_one("SELECT pg_is_in_recovery() AS r")["r"]:
-        proof = prove_nothing_after_final(ctx)
+        prove_nothing_after_final(ctx)
         seal_source(ctx)
+        proof = prove_nothing_after_final(ctx)   # again, after the seal: nothing slipped in between
         pg.psql(f"SELECT pg_promote(true, {int(ctx.settings.promote_timeout)})", timeout=ctx.settings.promote_timeout + 10)
     deadline = time.monotonic() + ctx.settings.promote_timeout
     while pg.query_one("SELECT pg_is_in_recovery() AS r")["r"]:
@@ -407,15 +414,20 @@ def promote(ctx: Context) -> dict[str, Any]:
 
 def seal_source(ctx: Context) -> None:
     """The old source admits no new session ever again (connection limit 0; tern's open sessions stay,
-    for the verification after the switch): stale dynos and pooled clients cannot write to it."""
+    for the verification after the switch): stale dynos and pooled clients cannot write to it. The
+    seal's own transaction id is journaled at once, so the proof after it (and a resumed run) accepts it."""
+    if ctx.data.get("seal_next_xid"):
+        return
     try:
         conn = ctx.held().control
         db = conn.execute("SELECT current_database()").fetchone()[0]
-        conn.execute(psycopg.sql.SQL("ALTER DATABASE {} CONNECTION LIMIT 0").format(psycopg.sql.Identifier(db)))
+        after = fence_mod.seal(conn, db)
     except RunbookError as exc:
         raise NotPromoted(f"cannot seal the source before the promotion: {exc}") from None
     except psycopg.Error as exc:
         raise NotPromoted(f"cannot seal the source before the promotion: {str(exc).strip()}") from None
+    ctx.journal.record("promote", "progress", context={"seal_next_xid": str(after)})
+    ctx.data["seal_next_xid"] = str(after)
 
 
 def verify_promoted(ctx: Context) -> None:

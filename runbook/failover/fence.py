@@ -160,22 +160,21 @@ def apply(sessions: SourceSessions, *, app_url: str, timeout: float, interval: f
 def terminate_others(sessions: SourceSessions, *, timeout: float, interval: float) -> int:
     """Terminate every client session of the database but tern's, and wait until they are gone."""
     conn = sessions.control
-    killed = 0
+    signalled: set[int] = set()
     refused: dict[str, int] = {}
     for _ in polling_loop(timeout, interval):
         others = conn.execute(OTHER_SESSIONS_SQL, (sessions.pids(),)).fetchall()
         if not others:
-            return killed
+            return len(signalled)
         refused = {}
         for pid, user, _app, mine in others:
             if not mine:
                 refused[user] = refused.get(user, 0) + 1
                 continue
             try:
-                # waits (up to the timeout) until the process is gone
-                if conn.execute("SELECT pg_terminate_backend(%s, %s)",
-                                (pid, max(1, int(timeout * 1000)))).fetchone()[0]:
-                    killed += 1
+                # signalled, not awaited one by one: the loop polls until every one is gone
+                if conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]:
+                    signalled.add(pid)
             except psycopg.errors.InsufficientPrivilege:
                 refused[user] = refused.get(user, 0) + 1
             except psycopg.Error as exc:
@@ -244,5 +243,55 @@ def lift(url: str, sessions: SourceSessions | None, *, previous_limit: int, time
 
 
 def next_xid(conn) -> int:
-    """The server's next transaction id: it moves when anything writes (in any database of the cluster)."""
-    return int(conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()[0])
+    """The first transaction id not yet assigned (a snapshot's xmax): it moves when a transaction starts writing."""
+    return quiet_point(conn)[0]
+
+
+def quiet_point(conn) -> tuple[int, list[str]]:
+    """(xmax, in-progress xids) of the server's current snapshot. ``xmax`` alone proves nothing about a
+    transaction already running: it may commit later without moving it. Both together do."""
+    xmax, xip = conn.execute("SELECT pg_snapshot_xmax(s)::text, "
+                             "array(SELECT pg_snapshot_xip(s)::text ORDER BY 1) FROM pg_current_snapshot() s"
+                             ).fetchone()
+    return int(xmax), list(xip)
+
+
+def wait_quiet(conn, *, timeout: float, interval: float) -> int:
+    """Wait (bounded) until no transaction holding an xid is running on the server; its xmax then.
+
+    After the fence no client may start one; what can still run is a superuser's (the platform's)
+    or one the fence just terminated. A transaction still running at the deadline fails the step."""
+    last: list[str] = []
+    for _ in polling_loop(timeout, interval):
+        xmax, last = quiet_point(conn)
+        if not last:
+            return xmax
+    who = conn.execute("SELECT string_agg(pid::text || ' (' || coalesce(usename::text, '?') || ')', ', ') "
+                       "FROM pg_stat_activity WHERE backend_xid IS NOT NULL").fetchone()[0]
+    raise StepError(f"transactions {', '.join(last[:5])} are still running on the source after the fence "
+                    f"(sessions: {who or 'not visible to this role'}): they could commit after the copy")
+
+
+def prove_quiet(conn, accepted: set[int], *, what: str) -> int:
+    """No transaction started since the recorded point (xmax one of ``accepted``) and none is running.
+
+    Raises NotPromoted (the caller falls back) otherwise."""
+    from ..errors import NotPromoted
+
+    xmax, xip = quiet_point(conn)
+    if xip:
+        raise NotPromoted(f"transactions {', '.join(xip[:5])} are running on {what} after the final LSN: "
+                          "they could commit after the copy - not crossing the point of no return")
+    if xmax not in accepted:
+        raise NotPromoted(f"{what}'s next transaction id is {xmax}, not {sorted(accepted)} as recorded after the "
+                          "final LSN (something wrote after the fence): not crossing the point of no return")
+    return xmax
+
+
+def seal(conn, database: str) -> int:
+    """Connection limit 0: the database never admits a new session (tern's open ones stay). Returns the
+    xmax expected right after it (the seal's own transaction id + 1)."""
+    with conn.transaction():
+        conn.execute(sql.SQL("ALTER DATABASE {} CONNECTION LIMIT 0").format(sql.Identifier(database)))
+        xid = int(conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0])
+    return xid + 1

@@ -204,7 +204,7 @@ def test_write_after_the_final_lsn_is_never_promoted(env):
         conn = ctx.held().control
         state["id"] = conn.execute("INSERT INTO rogue_writes (who) VALUES ('after-final') RETURNING id").fetchone()[0]
 
-    with pytest.raises(StepError, match="next transaction id moved"):
+    with pytest.raises(StepError, match="something wrote after the fence"):
         env.failover(hooks={"before:promote": sneak_a_write})
     journal = Journal.load(env.settings.state_dir, Journal.latest(env.settings.state_dir))
     assert journal.outcome()[0] == "fell_back"
@@ -245,3 +245,28 @@ def test_a_difference_found_after_the_switch_stops_the_run(tmp_root):
         assert journal.context()["verification_full"]["ok"] is False
     finally:
         e.sb.down(check_ledger=False)
+
+
+def test_a_transaction_running_through_the_flush_is_never_left_behind(env):
+    """A session the fence cannot stop (the platform's superuser) holds a write transaction open across
+    the flush: the snapshot's xmax would not move when it commits later, so the flush must wait for it
+    (bounded) and fall back rather than promote without it."""
+    import dataclasses
+
+    env.settings = dataclasses.replace(env.settings, stop_app_timeout=3.0)
+    source = env.sb.node("source")
+    su = psycopg.connect(f"postgresql://postgres@/app?host={source.socket_dir}&port={source.port}", autocommit=True)
+    su.execute("BEGIN")
+    su.execute("INSERT INTO rogue_writes (who) VALUES ('superuser, committed late')")
+    try:
+        with pytest.raises(StepError, match="still running on the source"):
+            env.failover()
+    finally:
+        su.execute("COMMIT")
+        su.close()
+    journal = Journal.load(env.settings.state_dir, Journal.latest(env.settings.state_dir))
+    assert journal.outcome()[0] == "fell_back"
+    with psycopg.connect(env.app_url(), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM rogue_writes WHERE who = 'superuser, committed late'"
+                            ).fetchone()[0] == 1
+    assert_nothing_lost(env)
