@@ -255,13 +255,14 @@ def switch_over(ctx: Context) -> dict[str, Any]:
                                          (SUBSCRIPTION,)).fetchone()
     if forward_enabled and forward_enabled[0]:
         prove_nothing_after_final(ctx)
-        if not ctx.data.get("seal_next_xid"):
+        if not ctx.data.get("sealed"):
             try:   # the leader never admits a session again (tern's own stay open)
-                after = fence_mod.seal(ctx.held().control, db)
+                after = fence_mod.seal(ctx.held().control, db, int(ctx.data["final_next_xid"]))
             except (RunbookError, psycopg.Error) as exc:
                 raise NotPromoted(f"cannot seal the leader: {exc}") from None
-            ctx.journal.record("switch_over", "progress", context={"seal_next_xid": str(after)})
-            ctx.data["seal_next_xid"] = str(after)
+            seal_xid = str(after) if after else None   # None: something wrote since the sentinel: not vouched
+            ctx.journal.record("switch_over", "progress", context={"sealed": True, "seal_next_xid": seal_xid})
+            ctx.data.update(sealed=True, seal_next_xid=seal_xid)
         proof = prove_nothing_after_final(ctx)   # again, after the seal
         # the seal keeps every client out; the reverse replication's apply must write here
         ctx.held().control.execute(sql.SQL("ALTER DATABASE {} RESET default_transaction_read_only").format(

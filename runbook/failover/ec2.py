@@ -39,6 +39,7 @@ import psycopg
 from ..adapters.snapshots import snapshots_for
 from ..errors import (DatabaseError, NotPromoted, PreflightError, RunbookError, StepError, TimeoutExpired,
                       VerificationError)
+from ..polling import wait_until
 from ..pg import connect, lsn_to_int, url_endpoint, url_user
 from ..postgres import literal
 from ..status import TIMELINE_SQL, replica_status
@@ -265,15 +266,7 @@ def flush(ctx: Context) -> dict[str, Any]:
         ctx.data["final_lsn"] = final
     final_lsn = lsn_to_int(ctx.data["final_lsn"])
     if ctx.data.get("final_next_xid") is None:
-        seg = conn.execute("SELECT setting::bigint * CASE unit WHEN 'B' THEN 1 WHEN 'kB' THEN 1024 "
-                           "WHEN 'MB' THEN 1048576 ELSE 1 END FROM pg_settings WHERE name = 'wal_segment_size'"
-                           ).fetchone()[0]
-        pos = lsn_to_int(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
-        if ctx.settings.flush_mode == "fill" and (pos // seg == final_lsn // seg or pos % seg == 0):
-            # fill the rest of the segment holding the final LSN: it is complete, so it is archived now
-            fill = seg - pos % seg + 64
-            with conn.transaction():
-                conn.execute("SELECT pg_logical_emit_message(true, 'tern-flush', repeat('x', %s))", (fill,))
+        fill_segment(conn, final_lsn, ctx.settings.flush_mode)
         # from here on no transaction may start on the source: the promotion proves it (the snapshot's
         # xmax stays, and nothing is in progress); something already running now breaks the fence
         xid = str(fence_mod.prove_quiet(conn, {next_xid(conn)}, what="the source"))
@@ -298,6 +291,63 @@ def flush(ctx: Context) -> dict[str, Any]:
     updates["detail"] = (f"final LSN {ctx.data['final_lsn']} replayed by {ctx.data['candidate']} in "
                          f"{updates['catchup_seconds']:.2f}s")
     return updates
+
+
+def fill_segment(conn, final_lsn: int, flush_mode: str) -> None:
+    """Fill the rest of the WAL segment holding ``final_lsn`` (``pg_logical_emit_message``, callable by an
+    ordinary role): the segment is complete, so the source archives it now, not at archive_timeout."""
+    seg = conn.execute("SELECT setting::bigint * CASE unit WHEN 'B' THEN 1 WHEN 'kB' THEN 1024 "
+                       "WHEN 'MB' THEN 1048576 ELSE 1 END FROM pg_settings WHERE name = 'wal_segment_size'"
+                       ).fetchone()[0]
+    pos = lsn_to_int(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
+    if flush_mode == "fill" and (pos // seg == final_lsn // seg or pos % seg == 0):
+        fill = seg - pos % seg + 64
+        with conn.transaction():
+            conn.execute("SELECT pg_logical_emit_message(true, 'tern-flush', repeat('x', %s))", (fill,))
+
+
+def settle(ctx: Context, rounds: int = 3) -> str:
+    """After the seal no client can start anything; prove the source quiet and the candidate caught up.
+
+    What the source still wrote since the flush (autovacuum's analyze on a busy database, the
+    platform's superuser) is not lost but copied: flush again, wait for the candidate, prove again -
+    a few tenths of a second instead of a fallback. Still writing after ``rounds`` flushes: NotPromoted."""
+    name = ctx.data["candidate"]
+    conn = ctx.held().control
+    extra = 0
+    for _ in range(rounds + 1):
+        fence_mod.terminate_others(ctx.held(), timeout=ctx.settings.stop_app_timeout,
+                                   interval=ctx.settings.poll_interval)
+        fence_mod.wait_quiet(conn, timeout=ctx.settings.stop_app_timeout, interval=ctx.settings.poll_interval)
+        accepted = {int(ctx.data["final_next_xid"])}
+        if ctx.data.get("seal_next_xid"):
+            accepted.add(int(ctx.data["seal_next_xid"]))
+        moved = False
+        try:
+            xmax = fence_mod.prove_quiet(conn, accepted, what="the source")
+        except NotPromoted:
+            if extra >= rounds:
+                raise NotPromoted(f"the source kept writing after the seal ({extra} more flushes): "
+                                  "not promoting") from None
+            # the source wrote since the flush: make that the new final point and copy it too
+            moved, extra = True, extra + 1
+            final = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
+            fill_segment(conn, lsn_to_int(final), ctx.settings.flush_mode)
+            xid = str(fence_mod.prove_quiet(conn, {next_xid(conn)}, what="the source"))
+            ctx.journal.record("promote", "progress", context={"final_lsn": final, "final_next_xid": xid,
+                                                               "seal_next_xid": None})
+            ctx.data.update(final_lsn=final, final_next_xid=xid, seal_next_xid=None)
+        want = lsn_to_int(ctx.data["final_lsn"])
+        try:
+            wait_until(lambda: (replayed(ctx, name) or 0) >= want, timeout=ctx.settings.catchup_timeout,
+                       interval=ctx.settings.poll_interval, what=f"{name} to replay {ctx.data['final_lsn']}")
+        except RunbookError as exc:
+            raise NotPromoted(f"{name} did not replay the final LSN after the seal: {exc}") from None
+        if not moved:
+            copied = f" (it wrote after the flush: {extra} more flushes, copied too)" if extra else ""
+            return (f"no transaction on the source since {ctx.data['final_lsn']} (xmax {xmax}, none running)"
+                    f"{copied}; {name} replayed it")
+    raise NotPromoted("the source kept writing after the seal: not promoting")
 
 
 def switch_candidate(ctx: Context, failed: str, why: str) -> dict[str, Any]:
@@ -390,9 +440,8 @@ def promote(ctx: Context) -> dict[str, Any]:
     pg = ctx.pg(name)
     proof = "already promoted"
     if pg.query_one("SELECT pg_is_in_recovery() AS r")["r"]:
-        prove_nothing_after_final(ctx)
-        seal_source(ctx)
-        proof = prove_nothing_after_final(ctx)   # again, after the seal: nothing slipped in between
+        seal_source(ctx)        # first: from here on no client can start anything on the source
+        proof = settle(ctx)     # then: quiet, and everything it wrote replayed by the candidate
         pg.psql(f"SELECT pg_promote(true, {int(ctx.settings.promote_timeout)})", timeout=ctx.settings.promote_timeout + 10)
     deadline = time.monotonic() + ctx.settings.promote_timeout
     while pg.query_one("SELECT pg_is_in_recovery() AS r")["r"]:
@@ -416,18 +465,19 @@ def seal_source(ctx: Context) -> None:
     """The old source admits no new session ever again (connection limit 0; tern's open sessions stay,
     for the verification after the switch): stale dynos and pooled clients cannot write to it. The
     seal's own transaction id is journaled at once, so the proof after it (and a resumed run) accepts it."""
-    if ctx.data.get("seal_next_xid"):
+    if ctx.data.get("sealed"):
         return
     try:
         conn = ctx.held().control
         db = conn.execute("SELECT current_database()").fetchone()[0]
-        after = fence_mod.seal(conn, db)
+        after = fence_mod.seal(conn, db, int(ctx.data["final_next_xid"]))
     except RunbookError as exc:
         raise NotPromoted(f"cannot seal the source before the promotion: {exc}") from None
     except psycopg.Error as exc:
         raise NotPromoted(f"cannot seal the source before the promotion: {str(exc).strip()}") from None
-    ctx.journal.record("promote", "progress", context={"seal_next_xid": str(after)})
-    ctx.data["seal_next_xid"] = str(after)
+    seal_xid = str(after) if after else None     # None: something else wrote since the flush (settle copies it)
+    ctx.journal.record("promote", "progress", context={"sealed": True, "seal_next_xid": seal_xid})
+    ctx.data.update(sealed=True, seal_next_xid=seal_xid)
 
 
 def verify_promoted(ctx: Context) -> None:

@@ -288,10 +288,13 @@ def prove_quiet(conn, accepted: set[int], *, what: str) -> int:
     return xmax
 
 
-def seal(conn, database: str) -> int:
-    """Connection limit 0: the database never admits a new session (tern's open ones stay). Returns the
-    xmax expected right after it (the seal's own transaction id + 1)."""
+def seal(conn, database: str, after: int) -> int | None:
+    """Connection limit 0: the database never admits a new session (tern's open ones stay).
+
+    ``after``: the xmax recorded at the final point. Returns the xmax expected right after the seal
+    when the seal's own transaction is the only one since (its xid is ``after``); None when something
+    else took an xid in between - the caller must then flush again (the seal cannot vouch for it)."""
     with conn.transaction():
         conn.execute(sql.SQL("ALTER DATABASE {} CONNECTION LIMIT 0").format(sql.Identifier(database)))
         xid = int(conn.execute("SELECT pg_current_xact_id()::text").fetchone()[0])
-    return xid + 1
+    return xid + 1 if xid == after else None

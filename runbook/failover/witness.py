@@ -67,6 +67,16 @@ def release(ctx: Context, name: str) -> None:
     pg.start(timeout=ctx.settings.restore_timeout)
 
 
+def witness_url(ctx: Context, name: str) -> str:
+    """The witness carries the source's fence (and, when the source wrote after the flush, its seal):
+    read it as its superuser over the local socket where tern can, else with the app's role."""
+    r = ctx.replica(name)
+    if r.commands.kind == "local":
+        pg = ctx.pg(name)
+        return f"postgresql://{pg._user()}@/{r.database}?host={pg.socket_dir}&port={pg.port}"
+    return ctx.replica_url(name)
+
+
 def verify_full(ctx: Context) -> dict[str, Any]:
     name = pick(ctx)
     if name is None:
@@ -82,7 +92,7 @@ def verify_full(ctx: Context) -> dict[str, Any]:
     t0 = time.monotonic()
     lsn = hold_at_final(ctx, name)
     try:
-        result = run_verify(ctx.source_url(), ctx.replica_url(name), mode="full", sequences="at_least",
+        result = run_verify(ctx.source_url(), witness_url(ctx, name), mode="full", sequences="at_least",
                             timeout=ctx.settings.connect_timeout, jobs=max(1, len(sessions) - 1),
                             source_connections=sessions, skip_unlogged=True)
     finally:

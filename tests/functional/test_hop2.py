@@ -78,3 +78,46 @@ def test_hop2_refuses_without_replication_and_ddl_is_guarded(hop2):
             conn.execute("CREATE TABLE sneaky (id int)")
     with psycopg.connect(aurora_master_url(e.outputs), autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM pg_subscription").fetchone()[0] == 1
+
+
+@pytest.mark.parametrize("step", ["fence", "catch_up", "switch_over", "switch"])
+def test_failover_aurora_killed_after_a_step_resumes_and_loses_nothing(hop2, step):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from runbook.steps import FAULT_KILL_AFTER
+    from tests.conftest import run_invoke
+
+    e = hop2
+    replicate_aurora(e.outputs, e.settings, replica_identity_full=True)
+    time.sleep(1.0)
+    env = dict(os.environ, **{FAULT_KILL_AFTER: step, "INVOKE_TERN_SANDBOX_DIR": str(e.sb.root),
+                              "INVOKE_TERN_STATE_DIR": str(e.root / "state")})
+    first = subprocess.run([str(Path(sys.executable).with_name("invoke")), "failover-aurora", "--yes"],
+                           cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), first.stderr[-2000:]
+    second = run_invoke("failover-aurora", "--yes", "--json", sandbox_dir=e.sb.root, state_dir=e.root / "state")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming run" in second.stderr
+    import json
+
+    report = json.loads(second.stdout[second.stdout.index("{"):])
+    assert report["outcome"] == "completed"
+    assert f":{e.outputs.aurora.port}/" in e.app_url()
+    assert_nothing_lost(e, report)
+
+
+def test_bad_input_for_hop2_changes_nothing(hop2):
+    from tests.conftest import run_invoke
+
+    e = hop2
+    res = run_invoke("replicate-aurora", "--engine", "nope", sandbox_dir=e.sb.root, state_dir=e.root / "state")
+    assert res.returncode == 2 and "unknown engine 'nope'" in res.stderr and "Traceback" not in res.stderr
+    res = run_invoke("replicate-aurora", "--dry-run", "--json", sandbox_dir=e.sb.root, state_dir=e.root / "state")
+    assert res.returncode == 2 and "audit_events" in res.stderr   # refused by the register, nothing changed
+    with psycopg.connect(aurora_master_url(e.outputs), autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_subscription").fetchone()[0] == 0
