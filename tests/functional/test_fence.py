@@ -14,7 +14,7 @@ from psycopg import sql
 from runbook.errors import StepError
 from runbook.journal import Journal
 from runbook.pg import with_endpoint
-from tests.conftest import make_root
+from tests.conftest import make_root, subset
 from tests.functional.test_failover_ec2 import Env, assert_nothing_lost
 
 pytestmark = pytest.mark.functional
@@ -80,7 +80,8 @@ def lost(e: Env, rogues: list[Rogue]) -> list[int]:
     return [i for i in acked if i not in present]
 
 
-@pytest.mark.parametrize("mode, delay", [("set_off", 0.0), ("set_off", 3.0), ("begin_rw", 0.0), ("begin_rw", 3.0)])
+@pytest.mark.parametrize("mode, delay", subset([("set_off", 0.0), ("set_off", 3.0), ("begin_rw", 0.0), ("begin_rw", 3.0)],
+                                                {("set_off", 3.0), ("begin_rw", 0.0)}))
 def test_rogue_clients_of_the_app_role_lose_nothing(env, mode, delay):
     """Clients that reconnect at once or seconds later (a pool's back-off) and turn read-only off."""
     rogues = [Rogue(env.app_url(), f"rogue-{i}", mode, delay) for i in range(2)]
