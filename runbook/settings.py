@@ -59,6 +59,9 @@ class Settings:
     # inside a failover's window the sample is bounded, whatever the database's size
     gate_sample_rows: int = 2000         # rows per table at most
     gate_sample_timeout: float = 10.0    # seconds per statement at most
+    # after the switch: "witness" compares every row with a replica held at the final LSN (that
+    # replica is then rebuilt from the new leader); "skip" leaves it to `invoke verify`
+    full_verification: str = "witness"
     # fill: complete the WAL segment with pg_logical_emit_message (tern's way);
     # archive_timeout: wait for the source to archive it on its own (the naive baseline)
     flush_mode: str = "fill"
@@ -163,6 +166,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "resume_max_age": _POSITIVE,
     "gate_sample_rows": (lambda v: v >= 1, "at least 1"),
     "gate_sample_timeout": _POSITIVE,
+    "full_verification": (lambda v: v in ("witness", "skip"), "witness or skip"),
     "flush_mode": (lambda v: v in FLUSH_MODES, "one of " + ", ".join(FLUSH_MODES)),
     "max_slot_wal_keep_size": (lambda v: re.fullmatch(r"-1|\d+\s*(kB|MB|GB|TB)?", str(v)) is not None,
                                "a PostgreSQL size such as 8GB (or -1)"),

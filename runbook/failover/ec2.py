@@ -200,7 +200,10 @@ def detach_others(ctx: Context) -> dict[str, Any]:
     for name in ctx.data["others"]:
         pg = ctx.pg(name)
         try:
-            pg.psql("ALTER SYSTEM SET restore_command = '';\nSELECT pg_reload_conf();")
+            # the reload reaches the startup process asynchronously; pausing replay takes effect at
+            # once, so a segment restored meanwhile is not replayed past the coming fork point
+            pg.psql("SELECT pg_wal_replay_pause();\nALTER SYSTEM SET restore_command = '';\n"
+                    "SELECT pg_reload_conf();")
             done.append(name)
         except RunbookError as exc:
             skipped.append(f"{name} ({exc})")
@@ -222,7 +225,8 @@ def attach_to_archive(ctx: Context, name: str) -> None:
     from ..archive import restore_command
 
     cmd = restore_command(ctx.outputs.source.archive)
-    ctx.pg(name).psql(f"ALTER SYSTEM SET restore_command = {literal(cmd)};\nSELECT pg_reload_conf();")
+    ctx.pg(name).psql(f"ALTER SYSTEM SET restore_command = {literal(cmd)};\nSELECT pg_reload_conf();\n"
+                      "SELECT pg_wal_replay_resume();")
 
 
 def reattach_others(ctx: Context) -> None:

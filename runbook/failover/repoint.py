@@ -118,7 +118,10 @@ def judge(obs: Observation, leader_tli: int, fork: int | None) -> Judgement:
         return Judgement(Verdict.WAIT, f"on timeline {obs.timeline}, not streaming yet")
     if obs.has_leader_history or fork is None:
         return Judgement(Verdict.WAIT, "not streaming yet")
-    position = max(p for p in (obs.replay_lsn, obs.receive_lsn, 0) if p is not None)
+    # pg_last_wal_receive_lsn() is only WAL received while a receiver runs on the old timeline; with
+    # none running it is where a (failed) attempt would start - a segment boundary, not proof
+    received = obs.receive_lsn if obs.receiver_status is not None and (obs.received_tli or 0) < leader_tli else None
+    position = max(p for p in (obs.replay_lsn, received, 0) if p is not None)
     if position > fork:
         return Judgement(Verdict.CANNOT_FOLLOW,
                          f"was at {lsn_text(position)} past the fork point {lsn_text(fork)} of timeline {leader_tli}")
@@ -366,7 +369,8 @@ def point_at_leader(ctx: Context, name: str, leader, lpg: PgHost, leader_tli: in
     log = LogWatch.start(pg)
     pg.psql(f"ALTER SYSTEM SET primary_conninfo = {literal(conninfo(ctx, name, leader))};\n"
             f"ALTER SYSTEM SET primary_slot_name = {literal(slot_name(name))};\n"
-            "SELECT pg_reload_conf();")
+            "SELECT pg_reload_conf();\n"
+            "SELECT pg_wal_replay_resume();")   # detach_others paused its replay before the flush
     return Pending(name, pg, log)
 
 

@@ -32,9 +32,13 @@ def test_history_file_and_fork_point():
 def test_a_replica_past_the_fork_point_provably_cannot_follow():
     j = judge(Observation(replay_lsn=FORK + 0x100, timeline=2), leader_tli=3, fork=FORK)
     assert j == Judgement(Verdict.CANNOT_FOLLOW, "was at 0/5000B28 past the fork point 0/5000A28 of timeline 3")
-    # WAL received (not yet replayed) past the fork is as much proof
-    assert judge(Observation(replay_lsn=FORK - 8, receive_lsn=FORK + 8, timeline=2), 3, FORK).verdict \
-        is Verdict.CANNOT_FOLLOW
+    # WAL received (not yet replayed) on the old timeline past the fork is as much proof
+    assert judge(Observation(replay_lsn=FORK - 8, receive_lsn=FORK + 8, timeline=2, receiver_status="streaming",
+                             received_tli=2), 3, FORK).verdict is Verdict.CANNOT_FOLLOW
+    # ... but with no receiver running, receive_lsn is where a (failed) attempt starts: a segment
+    # boundary past the fork, not WAL it has (seen here: a replica at the fork point judged past it)
+    assert judge(Observation(replay_lsn=FORK, receive_lsn=(FORK | 0xFFFFFF) + 1, timeline=2), 3, FORK).verdict \
+        is Verdict.WAIT
 
 
 def test_a_replica_at_or_before_the_fork_point_is_waited_for():
