@@ -163,7 +163,8 @@ def test_aurora_master_is_rds_superuser_like_and_subscriptions_go_through_the_ap
     with psycopg.connect(aurora_master_url(a), autocommit=True) as conn:
         row = conn.execute("SELECT rolsuper, rolreplication, rolcreaterole, rolcreatedb FROM pg_roles "
                            "WHERE rolname = current_user").fetchone()
-        assert row == (False, False, True, True)
+        # no superuser; REPLICATION stands in for rds_replication (Aurora grants it with rds.logical_replication)
+        assert row == (False, True, True, True)
         assert conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()"
                             ).fetchone()[0] == a.master_user
         for role in ("rds_superuser", "pg_read_all_data", "pg_write_all_data", "pg_signal_backend", "pg_monitor"):
