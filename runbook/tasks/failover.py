@@ -94,18 +94,10 @@ def failover_ec2(c, candidate=None, dry_run=False, yes=False, stack=None, json=F
     if Journal.current(s.state_dir, ec2.KIND) is None:
         check_restored(o, stack, candidate)
     show = human(json)
-    with progress_status("failover-ec2", echo=True) as update:
-        try:
-            result = run_failover_ec2(o, s, candidate=candidate, dry_run=dry_run,
-                                      confirm=make_confirm(yes, s.confirm_timeout),
-                                      progress=update)
-        except StepError as exc:
-            report = exc.context.get("report")
-            if report:
-                render_report(report, show)
-                if json:
-                    print_json(report)
-            raise
+    result = run_reported("failover-ec2", show, json,
+                          lambda update: run_failover_ec2(o, s, candidate=candidate, dry_run=dry_run,
+                                                          confirm=make_confirm(yes, s.confirm_timeout),
+                                                          progress=update))
     if dry_run:
         render_plan(result, show)
         if json:
@@ -116,6 +108,21 @@ def failover_ec2(c, candidate=None, dry_run=False, yes=False, stack=None, json=F
         print_json(result)
     if result.get("missing_on_target"):
         raise Exit(f"tern: error: {result['missing_on_target']} acknowledged writes are missing", code=1)
+
+
+def run_reported(title: str, show, json: bool, run):
+    """``run(progress)`` under a progress display; a run that failed or fell back still shows (and,
+    with --json, prints) the report it carries before the error becomes the exit status."""
+    with progress_status(title, echo=True) as update:
+        try:
+            return run(update)
+        except StepError as exc:
+            report = exc.context.get("report")
+            if report:
+                render_report(report, show)
+                if json:
+                    print_json(report)
+            raise
 
 
 def render_plan(result, show=out) -> None:

@@ -12,7 +12,7 @@ from ..replication import ENGINES
 from ..replication.setup import replicate_aurora as run_replicate
 from .common import (human, outputs, parse_choice, parse_name, print_json, progress_status, settings,
                      stack_settings, task_errors)
-from .failover import STACK_HELP, make_confirm, render_report
+from .failover import STACK_HELP, make_confirm, render_report, run_reported
 
 
 def render_register(register, show) -> None:
@@ -70,17 +70,10 @@ def failover_aurora(c, dry_run=False, yes=False, stack=None, json=False):
     o = outputs(c, stack)
     s = stack_settings(settings(c), stack)
     show = human(json)
-    with progress_status("failover-aurora", echo=True) as update:
-        try:
-            result = run_failover_aurora(o, s, dry_run=dry_run, confirm=make_confirm(yes, s.confirm_timeout),
-                                         progress=update)
-        except StepError as exc:
-            report = exc.context.get("report")
-            if report:
-                render_report(report, show)
-                if json:
-                    print_json(report)
-            raise
+    result = run_reported("failover-aurora", show, json,
+                          lambda update: run_failover_aurora(o, s, dry_run=dry_run,
+                                                             confirm=make_confirm(yes, s.confirm_timeout),
+                                                             progress=update))
     if dry_run:
         if json:
             print_json(result)

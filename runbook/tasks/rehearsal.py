@@ -9,14 +9,13 @@ from invoke import Exit, task
 
 from .. import status as status_mod
 from ..contract import load
-from ..errors import StepError
 from ..failover.run import failover_aurora, failover_ec2
 from ..replication.setup import replicate_aurora
 from ..restore import restore_all
 from .common import (byte_progress, human, parse_float, parse_int, print_json, progress_status, say, stack_settings,
                      task_errors)
 from .environment import render
-from .failover import render_report
+from .failover import render_report, run_reported
 from .sandbox import MAX_SCALE, check_shape, sandbox_flags, sandbox_for
 
 MAX_SECONDS = 24 * 3600
@@ -58,16 +57,8 @@ def rehearse(c, seconds=None, scale=None, dataset=None, rate=None, keep=False, h
         say(f"app writing for {seconds:g}s at {s.app_rate:g} commits/s")
         time.sleep(seconds)
         render(status_mod.gather(o, timeout=s.connect_timeout), show)
-        with progress_status("failover-ec2", echo=True) as update:
-            try:
-                report = failover_ec2(o, run_settings, confirm=lambda q: True, progress=update)
-            except StepError as exc:
-                report = exc.context.get("report")
-                if report:
-                    render_report(report, show)
-                    if json:
-                        print_json(report)
-                raise
+        report = run_reported("failover-ec2", show, json,
+                              lambda update: failover_ec2(o, run_settings, confirm=lambda q: True, progress=update))
         render_report(report, show)
         render(status_mod.gather(o, timeout=s.connect_timeout), show)
         first = report
@@ -76,16 +67,9 @@ def rehearse(c, seconds=None, scale=None, dataset=None, rate=None, keep=False, h
                 setup = replicate_aurora(o, run_settings, replica_identity_full=True, progress=update)
             say(f"replication into Aurora running: initial copy in {setup.get('initial_sync_seconds')} s")
             time.sleep(min(seconds, 2.0))
-            with progress_status("failover-aurora", echo=True) as update:
-                try:
-                    report = failover_aurora(o, run_settings, confirm=lambda q: True, progress=update)
-                except StepError as exc:
-                    report = exc.context.get("report")
-                    if report:
-                        render_report(report, show)
-                        if json:
-                            print_json(report)
-                    raise
+            report = run_reported("failover-aurora", show, json,
+                                  lambda update: failover_aurora(o, run_settings, confirm=lambda q: True,
+                                                                 progress=update))
             render_report(report, show)
             report["failover_ec2"] = first
         result = sb.check_ledger_after_stop()
