@@ -1,0 +1,43 @@
+"""The hop-2 benchmarks import and parse their arguments (no sandbox, no pgcopydb needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_failover_aurora_arguments_and_summary():
+    m = bench("failover_aurora")
+    a = m.parse_args([])
+    assert (a.runs, a.rate, a.scale, a.json) == (5, 200, 1, False)
+    assert m.parse_args(["--runs", "1", "--json"]).json is True
+    with pytest.raises(SystemExit):
+        m.parse_args(["--runs", "0"])
+    ok = {"outcome": "completed", "window": 1.2, "hop1_outcome": "completed", "hop1_window": 1.5, "lost": 0}
+    s = m.summarise([ok, dict(ok, window=1.8)])
+    assert s["hop2_median"] == pytest.approx(1.5) and s["hop2_max"] == 1.8 and s["goal_met"] is True
+    assert m.summarise([ok, dict(ok, lost=1)])["goal_met"] is False
+    assert m.summarise([ok, dict(ok, outcome="fallback", window=None)])["goal_met"] is False
+
+
+def test_initial_sync_arguments_and_scale():
+    m = bench("initial_sync")
+    a = m.parse_args([])
+    assert (a.size_gb, a.scale, a.table_jobs, a.index_jobs) == (1.0, None, None, 1)
+    assert 140 <= m.scale_for(1.0) <= 160 and m.scale_for(0.001) == 1
+    with pytest.raises(SystemExit):
+        m.parse_args(["--size-gb", "0"])
+    summary = m.pgcopydb_summary("12:00:00 1 INFO done\n        Step   Connection    Duration   Concurrency\n"
+                                 "  ---  ---\n  Total Wall Clock Duration   both   7s624   2 + 3\n")
+    assert summary[0].strip().startswith("Step") and "Total Wall Clock" in summary[-1]
