@@ -32,6 +32,7 @@ class Context:
     progress: Any = None
     sessions: SourceSessions | None = None
     _hosts: dict[str, PgHost] = field(default_factory=dict)
+    sample_plan: Any = None   # the gate's sample, chosen and read before the window (memory only: keys are data)
 
     def held(self) -> SourceSessions:
         """tern's sessions on the source's database (opened now if this process has none)."""

@@ -39,6 +39,7 @@ CHUNKS_PER_SCAN = 40      # a scan (one task) covers at most this many chunks
 MAX_REPORTED_ROWS = 1000  # per table
 MAX_SAMPLE_ROWS = 20000  # a sample never fetches more rows than this per table (default)
 SAMPLE_TIMEOUT = 60.0    # nor reads longer than this per statement (seconds; default)
+NEWEST_ROWS = 100        # a sample also compares the rows with the highest keys
 
 Progress = Callable[[str, int, int], None]
 
@@ -110,6 +111,7 @@ class VerifyReport:
     seconds: float = 0.0
     sample_percent: float = 0.0
     skipped: list[str] = field(default_factory=list)   # unlogged tables, not compared on purpose
+    sequences_checked: bool = True                      # False: sequences="skip" (a logical copy has none yet)
 
     @property
     def ok(self) -> bool:
@@ -131,7 +133,7 @@ class VerifyReport:
         """The short form the failover journals and reports carry."""
         return {"ok": self.ok, "mode": self.mode, "tables": len(self.tables),
                 "rows": sum(t.source_rows or 0 for t in self.tables),
-                "sampled_rows": sum(t.checked_rows for t in self.tables), "sequences_checked": True,
+                "sampled_rows": sum(t.checked_rows for t in self.tables), "sequences_checked": self.sequences_checked,
                 "sample_percent": self.sample_percent, "skipped_unlogged": self.skipped,
                 "differences": self.differences()[:50]}
 
@@ -322,6 +324,21 @@ class Options:
     counts: bool = True      # sample mode: also count every table's rows on both sides (O(rows))
     jobs: int = 2
     chunk_rows: int = 50_000
+    sample_keys: dict[str, list[tuple]] | None = None   # sample mode: keys chosen (and read) earlier
+
+
+@dataclass
+class SamplePlan:
+    """A gate's sample chosen before a failover's window, its rows already read once on both sides.
+
+    Inside the window the gate then reads pages that are in memory: a sample of cold rows costs
+    one random read per index level and heap page, which on a large database (or EBS) is seconds
+    for a few thousand rows. The keys are data, so a plan lives in memory only (never journaled);
+    a resumed run without one samples inside the window as before."""
+
+    keys: dict[str, list[tuple]] = field(default_factory=dict)
+    rows: int = 0
+    seconds: float = 0.0
 
 
 def verify(source_url: str, target_url: str, *, mode: str = "full", tables: list[str] | None = None,
@@ -329,12 +346,15 @@ def verify(source_url: str, target_url: str, *, mode: str = "full", tables: list
            timeout: float = 10.0, progress: Progress | None = None, sample_rows: int = MAX_SAMPLE_ROWS,
            sample_timeout: float = SAMPLE_TIMEOUT, counts: bool = True,
            source_connections: list[psycopg.Connection] | None = None,
-           skip_unlogged: bool = False, ignore_extensions: bool = False) -> VerifyReport:
+           skip_unlogged: bool = False, ignore_extensions: bool = False,
+           target_connections: list[psycopg.Connection] | None = None,
+           sample_plan: SamplePlan | None = None) -> VerifyReport:
     """Compare ``target_url`` with ``source_url``. In ``sample`` mode the sample is spread over the
     whole table (block sampling), at most ``sample_rows`` rows per table, each statement bounded by
     ``sample_timeout`` seconds; ``counts=False`` skips the O(rows) row counts (a failover's window).
     ``source_connections``: read the source through these open sessions (a fenced source admits no
-    new one). ``skip_unlogged``: unlogged tables (empty on any physical copy) are listed, not compared."""
+    new one); ``target_connections`` likewise for the target. ``skip_unlogged``: unlogged tables (empty on
+    any physical copy) are listed, not compared."""
     if mode not in MODES:
         raise ConfigError(f"unknown verification mode {mode!r}; choose one of: {', '.join(MODES)}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= 64:
@@ -348,12 +368,13 @@ def verify(source_url: str, target_url: str, *, mode: str = "full", tables: list
         raise ConfigError(f"the sample's row bound must be a positive integer, got {sample_rows!r}")
     if not sample_timeout > 0:
         raise ConfigError(f"the sample's time bound must be positive, got {sample_timeout!r}")
-    opts = Options(mode, float(sample_percent), sample_rows, float(sample_timeout), counts, jobs, chunk_rows)
+    opts = Options(mode, float(sample_percent), sample_rows, float(sample_timeout), counts, jobs, chunk_rows,
+                   sample_plan.keys if sample_plan is not None else None)
     t0 = time.monotonic()
     report = VerifyReport(mode=mode, sample_percent=sample_percent if mode == "sample" else 0.0)
     with ExitStack() as stack:
         src = Side("source", source_url, stack, timeout, borrowed=source_connections)
-        dst = Side("target", target_url, stack, timeout)
+        dst = Side("target", target_url, stack, timeout, borrowed=target_connections)
         report.snapshot = {"source": "exported" if src.snapshot else "single connection",
                            "target": "exported" if dst.snapshot else "single connection"}
         s_schema = schema_mod.describe(src.coordinator)
@@ -368,7 +389,8 @@ def verify(source_url: str, target_url: str, *, mode: str = "full", tables: list
         if mode == "schema":
             report.seconds = time.monotonic() - t0
             return report
-        report.sequences = _sequences(src.coordinator, dst.coordinator, sequences)
+        report.sequences_checked = sequences != "skip"
+        report.sequences = _sequences(src.coordinator, dst.coordinator, sequences) if report.sequences_checked else []
         todo = [s_tables[n] for n in wanted if n in s_tables and n in d_tables]
         if skip_unlogged:
             report.skipped = sorted(t.name for t in todo if t.persistence == "u")
@@ -718,31 +740,26 @@ def _sample_rows(t: Table, r: TableReport, s_conn, d_conn, opts: Options) -> Non
             r.problems.append("content differs (no primary key: the rows cannot be named)")
         r.checked_rows = r.source_rows or 0
         return
-    pages, estimate = s_conn.execute(
-        "SELECT greatest(pg_relation_size(%s::regclass) / current_setting('block_size')::int, 1), "
-        "(SELECT reltuples FROM pg_class WHERE oid = %s::regclass)",
-        (t.ident.as_string(None), t.ident.as_string(None))).fetchone()
-    total = r.source_rows if r.source_rows is not None else max(int(estimate or 0), 0)
     if r.source_rows == 0:
         return
-    per_page = (estimate / pages) if estimate and estimate > 0 else 1.0   # unknown: assume one row per page
-    wanted = min(opts.sample_rows, max(50, int(total * opts.sample_percent / 100)))
-    # read about four times the rows wanted (more pages, fewer rows from each), then thin at random
-    # (and never fewer than 32 pages, so that a small sample is not one unlucky page or none)
-    block_pct = min(100.0, 100.0 * max(32.0, 4 * wanted / max(per_page, 1.0)) / pages)
-    query = sql.SQL("SELECT {c} FROM (SELECT {c} FROM {t} TABLESAMPLE SYSTEM (%s)) s ORDER BY random() LIMIT %s") \
-        .format(c=t.pk_cols, t=t.ident)
-    keys = s_conn.execute(query, (block_pct, wanted)).fetchall()
-    if not keys and block_pct < 100:
-        keys = s_conn.execute(query, (100.0, wanted)).fetchall()   # the sampled pages held no row
+    planned = opts.sample_keys.get(t.name) if opts.sample_keys is not None else None
+    keys = list(planned) if planned is not None else _sample_keys(t, s_conn, opts, r.source_rows)
+    # and the rows with the highest keys: where the last writes before a switch usually are (a
+    # backward index scan over pages that are in memory)
+    newest = sql.SQL("SELECT {c} FROM {t} ORDER BY {d} LIMIT %s").format(
+        c=t.pk_cols, t=t.ident, d=sql.SQL(", ").join(sql.SQL("{} DESC").format(sql.Identifier(c)) for c in t.pk))
+    keys = list(dict.fromkeys([tuple(k) for k in keys] + [tuple(k) for k in s_conn.execute(newest, (NEWEST_ROWS,))]))
     if not keys:
         return
     r.checked_rows = len(keys)
-    arrays = [[k[i] for k in keys] for i in range(len(t.pk))]
-    q = sql.SQL("SELECT {c}, t::text FROM {t} t WHERE ({c}) IN (SELECT * FROM unnest({a}))").format(
-        c=t.pk_cols, t=t.ident, a=sql.SQL(", ").join(sql.Placeholder() for _ in t.pk))
+    q = _rows_query(t)
+    arrays = _key_arrays(t, keys)
     s_rows = {tuple(row[:-1]): row[-1] for row in s_conn.execute(q, arrays).fetchall()}
     d_rows = {tuple(row[:-1]): row[-1] for row in d_conn.execute(q, arrays).fetchall()}
+    if planned is not None:   # a planned key may have been deleted since; the target must agree
+        for key in d_rows:
+            if key not in s_rows:
+                r.rows.append(RowDifference(dict(zip(t.pk, key)), "extra"))
     for key in s_rows:
         if key not in d_rows:
             r.rows.append(RowDifference(dict(zip(t.pk, key)), "missing"))
@@ -750,6 +767,77 @@ def _sample_rows(t: Table, r: TableReport, s_conn, d_conn, opts: Options) -> Non
             r.rows.append(RowDifference(dict(zip(t.pk, key)), "changed", _changed_columns(t, key, s_conn, d_conn)))
         if len(r.rows) >= MAX_REPORTED_ROWS:
             break
+
+
+def _sample_keys(t: Table, conn, opts: Options, rows: int | None) -> list[tuple]:
+    """At most ``opts.sample_rows`` keys, from pages spread over the whole heap (block sampling)."""
+    pages, estimate = conn.execute(
+        "SELECT greatest(pg_relation_size(%s::regclass) / current_setting('block_size')::int, 1), "
+        "(SELECT reltuples FROM pg_class WHERE oid = %s::regclass)",
+        (t.ident.as_string(None), t.ident.as_string(None))).fetchone()
+    total = rows if rows is not None else max(int(estimate or 0), 0)
+    per_page = (estimate / pages) if estimate and estimate > 0 else 1.0   # unknown: assume one row per page
+    wanted = min(opts.sample_rows, max(50, int(total * opts.sample_percent / 100)))
+    # read about four times the rows wanted (more pages, fewer rows from each), then thin at random
+    # (and never fewer than 32 pages, so that a small sample is not one unlucky page or none)
+    block_pct = min(100.0, 100.0 * max(32.0, 4 * wanted / max(per_page, 1.0)) / pages)
+    query = sql.SQL("SELECT {c} FROM (SELECT {c} FROM {t} TABLESAMPLE SYSTEM (%s)) s ORDER BY random() LIMIT %s") \
+        .format(c=t.pk_cols, t=t.ident)
+    keys = conn.execute(query, (block_pct, wanted)).fetchall()
+    if not keys and block_pct < 100:
+        keys = conn.execute(query, (100.0, wanted)).fetchall()   # the sampled pages held no row
+    return [tuple(k) for k in keys]
+
+
+def _rows_query(t: Table) -> sql.Composable:
+    return sql.SQL("SELECT {c}, t::text FROM {t} t WHERE ({c}) IN (SELECT * FROM unnest({a}))").format(
+        c=t.pk_cols, t=t.ident, a=sql.SQL(", ").join(sql.Placeholder() for _ in t.pk))
+
+
+def _key_arrays(t: Table, keys: list[tuple]) -> list[list[Any]]:
+    return [[k[i] for k in keys] for i in range(len(t.pk))]
+
+
+def choose_sample(source_url: str, target_url: str, *, sample_percent: float, sample_rows: int,
+                  sample_timeout: float, timeout: float = 10.0, skip_unlogged: bool = True,
+                  source_connections: list[psycopg.Connection] | None = None) -> SamplePlan:
+    """Choose a gate's sample now (block sampling on the source) and read its rows once on both
+    sides, so that the gate inside the window finds them in memory. Every statement is bounded by
+    ``sample_timeout``; a table whose sample cannot be chosen is left to the gate's own sampling."""
+    opts = Options("sample", float(sample_percent), sample_rows, float(sample_timeout), False)
+    plan = SamplePlan()
+    t0 = time.monotonic()
+    timeout_ms = max(1, int(sample_timeout * 1000))
+    with ExitStack() as stack:
+        if source_connections:
+            src = source_connections[0]
+        else:
+            src = stack.enter_context(connect(source_url, purpose="gate-sample", autocommit=True, timeout=timeout,
+                                              options=SESSION_OPTIONS))
+        dst = stack.enter_context(connect(target_url, purpose="gate-sample", autocommit=True, timeout=timeout,
+                                          options=SESSION_OPTIONS))
+        tables = _tables(src)
+        for conn in (src, dst):
+            conn.execute(sql.SQL("SET statement_timeout = {}").format(sql.Literal(timeout_ms)))
+        try:
+            for t in tables.values():
+                if not t.pk or (skip_unlogged and t.persistence == "u"):
+                    continue
+                try:
+                    keys = _sample_keys(t, src, opts, None)
+                    if keys:
+                        for conn in (src, dst):   # read once: the pages (heap, index, TOAST) are then in memory
+                            conn.execute(_rows_query(t), _key_arrays(t, keys)).fetchall()
+                except psycopg.Error:
+                    continue
+                plan.keys[t.name] = keys
+                plan.rows += len(keys)
+        finally:
+            for conn in (src, dst):
+                if not conn.closed:
+                    conn.execute("SET statement_timeout = 0")
+    plan.seconds = round(time.monotonic() - t0, 3)
+    return plan
 
 
 def describe_error(exc: Exception) -> str:
