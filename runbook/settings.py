@@ -57,10 +57,16 @@ class Settings:
     max_lag_bytes: int = 64 * 1024 * 1024
     sample_percent: float = 5.0
     # inside a failover's window the sample is bounded, whatever the database's size
-    gate_sample_rows: int = 2000         # rows per table at most
+    gate_sample_rows: int = 500          # rows per table at most (plus the 100 newest): a sanity check; the LSN proofs and the full verification are the guarantees
     gate_sample_timeout: float = 10.0    # seconds per statement at most
-    # after the switch: "witness" compares every row with a replica held at the final LSN (that
-    # replica is then rebuilt from the new leader); "skip" leaves it to `invoke verify`
+    # hop 2: Aurora's apply must drain a backlog at least this many times faster than the EC2 leader
+    # writes (apply bytes/s over leader WAL bytes/s), measured over apply_sample_seconds; caught up at
+    # both ends of the sample is enough (runbook/replication/headroom.py states the rule)
+    min_apply_headroom: float = 1.5
+    apply_sample_seconds: float = 2.0
+    # hop 1, after the switch: "witness" compares every row with a replica held at the final LSN (that
+    # replica is then rebuilt from the new leader); hop 2, before the freeze: with an EC2 standby of the
+    # leader held where Aurora stopped (no standby: the failover refuses). "skip" leaves it to `invoke verify`
     full_verification: str = "witness"
     # fill: complete the WAL segment with pg_logical_emit_message (tern's way);
     # archive_timeout: wait for the source to archive it on its own (the naive baseline)
@@ -166,6 +172,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "resume_max_age": _POSITIVE,
     "gate_sample_rows": (lambda v: v >= 1, "at least 1"),
     "gate_sample_timeout": _POSITIVE,
+    "min_apply_headroom": (lambda v: _finite(v) and v >= 1, "a number of at least 1 (apply at least as fast as writes)"),
+    "apply_sample_seconds": (lambda v: _finite(v) and 0.2 <= v <= 60, "a number of seconds in [0.2, 60]"),
     "full_verification": (lambda v: v in ("witness", "skip"), "witness or skip"),
     "flush_mode": (lambda v: v in FLUSH_MODES, "one of " + ", ".join(FLUSH_MODES)),
     "max_slot_wal_keep_size": (lambda v: re.fullmatch(r"-1|\d+\s*(kB|MB|GB|TB)?", str(v)) is not None,

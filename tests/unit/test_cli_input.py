@@ -117,7 +117,8 @@ TEST_VALUES = {
     "promote_timeout": "61", "repoint_timeout": "62", "smoke_timeout": "33", "poll_interval": "0.2",
     "max_lag_bytes": "1048576", "sample_percent": "12.5", "flush_mode": "archive_timeout",
     "max_slot_wal_keep_size": "512MB", "confirm_timeout": "30", "resume_max_age": "3600",
-    "gate_sample_rows": "500", "gate_sample_timeout": "3.5", "full_verification": "skip",
+    "gate_sample_rows": "750", "gate_sample_timeout": "3.5", "full_verification": "skip",
+    "min_apply_headroom": "2.5", "apply_sample_seconds": "1.5",
 }
 
 
