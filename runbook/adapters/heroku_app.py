@@ -10,11 +10,20 @@
   that dies between the calls resumes with the source URL still known.
   Every config var change (and attaching or detaching) restarts the dynos.
 * maintenance: ``PATCH /apps/{app} {"maintenance": ...}``; formation: ``PATCH
-  /apps/{app}/formation {"updates": [...]}`` then wait for the dynos to match.
+  /apps/{app}/formation {"updates": [...]}`` then wait for the dynos (``GET /apps/{app}/dynos``)
+  to match. Dyno states are starting, up, down, crashed, idle: a ``crashed`` or ``idle`` dyno
+  runs no process; a ``down`` one is being stopped and its processes may run for the SIGTERM
+  grace (30 s, then SIGKILL), so it counts as running until it is gone or its ``updated_at`` is
+  older than the grace plus a margin. A scale-down therefore waits up to that grace plus the
+  margin, even past a shorter ``timeout``: workers that take 30 s to stop are not reported
+  stopped early.
 * smoke test: a token-carrying write through the app, read back on the new leader (the
   ``TERN_SMOKE_URL`` contract is in :meth:`HerokuApp.smoke_test`).
-* 429 and 5xx are retried with exponential backoff (tenacity); other errors are clear
-  messages. The API key comes from a credential reference and is never logged.
+* rate limit (4,500 tokens an account, refilled at about 75 a minute): every answer's
+  ``RateLimit-Remaining`` is kept; at or below a small reserve each call first waits one
+  token's refill time. 429 and 5xx are retried with exponential backoff (tenacity), a 429
+  at least one refill time. Other errors are clear messages. The API key comes from a
+  credential reference and is never logged.
 """
 
 from __future__ import annotations
@@ -26,9 +35,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from datetime import datetime
 from typing import Any, Callable, Mapping
 
-from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import RetryCallState, retry, retry_if_exception, stop_after_attempt, wait_exponential
 
 from ..errors import ConfigError, DatabaseError, RunbookError, TimeoutExpired, VerificationError
 from ..pg import url_endpoint
@@ -43,6 +53,11 @@ ACCEPT = "application/vnd.heroku+json; version=3"
 # Heroku then refused the switch's write of it; such an attachment is moved off like any other owner).
 KEEPER_ATTACHMENT = "TERN_HEROKU_SOURCE"
 SMOKE_SQL = "SELECT 1 FROM tern_smoke WHERE token = %(token)s"
+STOP_GRACE = 30.0        # Heroku: SIGTERM, then SIGKILL 30 s later
+STOP_MARGIN = 15.0       # on top of the grace: the platform's own delay, clock skew against updated_at
+TOKEN_SECONDS = 0.8      # one rate-limit token's refill time (about 75 a minute)
+RATE_LIMIT_RESERVE = 20  # at or below this many tokens left, every call first waits TOKEN_SECONDS
+RUNNING_STATES = ("up", "starting")
 
 ReadBack = Callable[[str, str, Mapping[str, str]], bool]
 
@@ -53,6 +68,14 @@ class HerokuApiError(RunbookError):
         self.status = status
 
 
+def _seconds_ago(stamp: Any, now: float) -> float | None:
+    """How long ago an API timestamp (``2012-01-01T12:00:00Z``) was; None when unreadable."""
+    try:
+        return now - datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, HerokuApiError) and (exc.status == 429 or exc.status >= 500 or exc.status == 0)
 
@@ -60,25 +83,54 @@ def _retryable(exc: BaseException) -> bool:
 class HerokuApp(AppControl):
     def __init__(self, app: str, *, api_key_ref: str, base_url: str | None = None,
                  sleep: Callable[[float], None] = time.sleep, attempts: int = 6,
-                 read_back: ReadBack | None = None) -> None:
+                 read_back: ReadBack | None = None, stop_grace: float = STOP_GRACE,
+                 stop_margin: float = STOP_MARGIN, poll_interval: float = 1.0,
+                 token_seconds: float = TOKEN_SECONDS, rate_limit_reserve: int = RATE_LIMIT_RESERVE) -> None:
         self.app = app
         self._key_ref = api_key_ref
         self.base_url = (base_url or os.environ.get("TERN_HEROKU_API_URL") or API).rstrip("/")
         self.sleep = sleep
         self.read_back = read_back or _read_back
+        self.stop_grace = stop_grace
+        self.stop_margin = stop_margin
+        self.poll_interval = poll_interval
+        self.token_seconds = token_seconds
+        self.rate_limit_reserve = rate_limit_reserve
+        self.rate_limit_remaining: int | None = None    # from the last answer's RateLimit-Remaining
+        self._backoff = wait_exponential(multiplier=0.2, max=10)
         self._request = retry(retry=retry_if_exception(_retryable), stop=stop_after_attempt(attempts),
-                              wait=wait_exponential(multiplier=0.2, max=10), sleep=sleep, reraise=True)(self._once)
+                              wait=self._wait, sleep=sleep, reraise=True)(self._once)
 
     # -- HTTP ------------------------------------------------------------------------
+    def _wait(self, state: RetryCallState) -> float:
+        """Exponential backoff; after a 429, at least one token's refill time."""
+        wait = self._backoff(state)
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, HerokuApiError) and exc.status == 429:
+            return max(wait, self.token_seconds)
+        return wait
+
+    def _note_remaining(self, headers: Any) -> None:
+        try:
+            self.rate_limit_remaining = int(headers.get("RateLimit-Remaining"))
+        except (TypeError, ValueError, AttributeError):
+            pass
+
     def _once(self, method: str, path: str, body: Any = None) -> Any:
+        if self.rate_limit_remaining is not None and self.rate_limit_remaining <= self.rate_limit_reserve:
+            self.sleep(self.token_seconds)   # nearly out of tokens: no faster than they refill
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(f"{self.base_url}{path}", data=data, method=method, headers={
             "Accept": ACCEPT, "Content-Type": "application/json", "User-Agent": "tern",
             "Authorization": f"Bearer {resolve(self._key_ref)}"})
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
+                self._note_remaining(resp.headers)
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
+            self._note_remaining(exc.headers)
+            if exc.code == 429:
+                self.rate_limit_remaining = None   # the retry's own wait is at least one refill time
             detail = ""
             try:
                 detail = json.loads(exc.read() or b"{}").get("message", "")
@@ -96,6 +148,15 @@ class HerokuApp(AppControl):
             return f"Heroku refused {method} {path} (403): the key lacks access to app {self.app}"
         if status == 404:
             return f"Heroku: not found ({method} {path}): is the app name {self.app!r} right? {redact(detail)}"
+        if status == 422 and "attachment" in detail.lower():
+            # names only (Heroku's message lists the vars, never their values)
+            return (f"Heroku refused {method} {path} (422): {redact(detail)} An add-on attachment owns these "
+                    "config vars (attachment NAME owns NAME_URL): they change only by detaching the attachment "
+                    f"or attaching under another name (heroku addons:attach --as). List them with "
+                    f"heroku addons:info / GET /apps/{self.app}/addon-attachments")
+        if status == 429:
+            return (f"Heroku API {method} {path}: rate limit reached (429) and still reached after the retries: "
+                    "another client is spending this account's tokens; wait a minute and run again")
         return f"Heroku API {method} {path} failed with {status}: {redact(detail)}"
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
@@ -163,10 +224,25 @@ class HerokuApp(AppControl):
     def formation(self) -> dict[str, int]:
         return {f["type"]: int(f["quantity"]) for f in self.request("GET", f"/apps/{self.app}/formation") or []}
 
+    def dynos(self) -> list[dict[str, Any]]:
+        return self.request("GET", f"/apps/{self.app}/dynos") or []
+
+    def _runs(self, dyno: Mapping[str, Any], now: float) -> bool:
+        """Whether a process of ``dyno`` may run: up or starting; down (being stopped) until the SIGTERM
+        grace plus the margin has passed since its last state change; never crashed or idle."""
+        state = dyno.get("state")
+        if state in RUNNING_STATES:
+            return True
+        if state == "down":
+            ago = _seconds_ago(dyno.get("updated_at"), now)
+            return ago is None or ago < self.stop_grace + self.stop_margin
+        return False
+
     def running(self) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for d in self.request("GET", f"/apps/{self.app}/dynos") or []:
-            if d.get("state") in ("up", "starting", "restarting"):
+        now = time.time()
+        for d in self.dynos():
+            if self._runs(d, now):
                 counts[d["type"]] = counts.get(d["type"], 0) + 1
         return counts
 
@@ -180,15 +256,39 @@ class HerokuApp(AppControl):
         previous = {t: current.get(t, 0) for t in quantities}
         self.request("PATCH", f"/apps/{self.app}/formation",
                      {"updates": [{"type": t, "quantity": int(n)} for t, n in quantities.items()]})
-        deadline = time.monotonic() + timeout
+        # a dyno being stopped may run for the SIGTERM grace: waiting for it is bounded by that, not by timeout
+        start, stop_bound = time.monotonic(), max(timeout, self.stop_grace + self.stop_margin)
         while True:
-            running = self.running()
-            stopped = all(running.get(t, 0) <= n for t, n in quantities.items())
-            if stopped:
+            extra, missing = self._mismatch(quantities, self.dynos(), time.time())
+            if not extra and not missing:
                 return previous
-            if time.monotonic() > deadline:
-                raise TimeoutExpired(f"Heroku dynos still running after {timeout:.0f}s: {running}")
-            self.sleep(1.0)
+            waited = time.monotonic() - start
+            if waited > (stop_bound if extra else timeout):
+                why = "; ".join(x for x in (
+                    extra and f"still running: {', '.join(extra)} (SIGTERM grace {self.stop_grace:g}s)",
+                    missing and f"not up: {', '.join(missing)}") if x)
+                raise TimeoutExpired(f"Heroku dynos of app {self.app} do not match the formation "
+                                     f"{dict(quantities)} after {waited:.0f}s: {why}")
+            self.sleep(self.poll_interval)
+
+    def _mismatch(self, quantities: Mapping[str, int], dynos: list[dict[str, Any]],
+                  now: float) -> tuple[list[str], list[str]]:
+        """The dynos of these types that may still run beyond the formation (being stopped, or numbered
+        past it), and the wanted ones that are not up (with their state: starting, crashed, absent)."""
+        extra, seen = [], {}
+        for d in dynos:
+            kind, name, state = d.get("type"), str(d.get("name", "")), d.get("state")
+            if kind not in quantities:
+                continue
+            number = name.rsplit(".", 1)[-1]
+            past = number.isdigit() and int(number) > int(quantities[kind])
+            if self._runs(d, now) and (state == "down" or past):
+                extra.append(f"{name} {state}")
+            if state != "down" and seen.get(name) != "up":
+                seen[name] = state
+        missing = [f"{t}.{i} {seen.get(f'{t}.{i}', 'absent')}" for t, n in quantities.items()
+                   for i in range(1, int(n) + 1) if seen.get(f"{t}.{i}") != "up"]
+        return extra, missing
 
     def smoke_test(self, host: str, port: int, *, since: float, timeout: float) -> str:
         """Prove a write through the app reached the new leader ``host:port``.

@@ -111,7 +111,8 @@ class LocalApp(AppControl):
             counts[t] = counts.get(t, 0) + 1
         return counts
 
-    def _spawn(self, dyno: str) -> None:
+    def spawn(self, dyno: str) -> int:
+        """Start the process ``dyno`` (``web.1``); returns its pid. The Heroku stand-in starts dynos this way."""
         kind, index = dyno.split(".")
         self.dyno_dir.mkdir(parents=True, exist_ok=True)
         log_dir = self.state_dir / "logs"
@@ -123,6 +124,7 @@ class LocalApp(AppControl):
                 cwd=str(Path(__file__).resolve().parents[2]),
             )
         self._pidfile(dyno).write_text(str(proc.pid))
+        return proc.pid
 
     def scale(self, quantities: Mapping[str, int], *, timeout: float) -> dict[str, int]:
         for t, n in quantities.items():
@@ -138,7 +140,7 @@ class LocalApp(AppControl):
         for t in PROCESS_TYPES:
             for i in range(1, state.formation.get(t, 0) + 1):
                 if f"{t}.{i}" not in running:
-                    self._spawn(f"{t}.{i}")
+                    self.spawn(f"{t}.{i}")
         self._wait_formation(state.formation, timeout)
         return previous
 
