@@ -53,6 +53,8 @@ chmod 600 {conf_dir}/pg_hba.conf {conf_dir}/tls.conf
 """
 
 SOCKET_DIR = "/var/run/postgresql"     # the outputs' replicas[].socket_dir
+COMMAND_OUTPUT_PREFIX = "tern/ssm"     # the outputs' replicas[].commands.output_prefix
+COMMAND_OUTPUT_DAYS = 7                # command output holds sampled rows: kept a week, then expired
 CONF_DIR = "/etc/tern/postgresql"      # certificate, key, pg_hba.conf and tls.conf; 0700 postgres
 # The data directory is made at `invoke restore` (from Heroku's base backup), after this script has run:
 # the restore must start the server with these settings (hba_file, ssl, ssl_cert_file, ssl_key_file from
@@ -139,6 +141,27 @@ class Replicas(pulumi.ComponentResource):
                     "Version": "2012-10-17",
                     "Statement": [{"Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"], "Resource": arn}],
                 })), opts=child)
+        # SSM returns only the first 24,000 characters of a command's output; the agent writes all of it here,
+        # and the runbook reads it back (replicas[].commands.output_bucket)
+        self.command_output = aws.s3.Bucket(f"{name}-ssm-output", force_destroy=not args.protect, tags=args.tags,
+                                            opts=child)
+        self.command_output_private = aws.s3.BucketPublicAccessBlock(
+            f"{name}-ssm-output-private", bucket=self.command_output.id, block_public_acls=True,
+            block_public_policy=True, ignore_public_acls=True, restrict_public_buckets=True, opts=child)
+        self.command_output_expiry = aws.s3.BucketLifecycleConfiguration(
+            f"{name}-ssm-output-expiry", bucket=self.command_output.id,
+            rules=[{"id": "expire-command-output", "status": "Enabled",
+                    "filter": {"prefix": f"{COMMAND_OUTPUT_PREFIX}/"},
+                    "expiration": {"days": COMMAND_OUTPUT_DAYS}}], opts=child)
+        self.command_output_write = aws.iam.RolePolicy(
+            f"{name}-ssm-output-write", role=self.role.id,
+            policy=self.command_output.arn.apply(lambda arn: json.dumps({
+                "Version": "2012-10-17",
+                "Statement": [
+                    {"Effect": "Allow", "Action": ["s3:PutObject"], "Resource": f"{arn}/{COMMAND_OUTPUT_PREFIX}/*"},
+                    {"Effect": "Allow", "Action": ["s3:GetEncryptionConfiguration"], "Resource": arn},
+                ],
+            })), opts=child)
         self.profile = aws.iam.InstanceProfile(f"{name}-profile", role=self.role.name, opts=child)
         self.user_data = render_user_data(pg_major=args.pg_major, bucket=args.wal_archive_bucket, prefix=prefix,
                                           region=args.region)

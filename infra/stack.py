@@ -19,7 +19,7 @@ from .config import StackConfig
 from .dms import Dms, DmsArgs
 from .heroku import HerokuApp, HerokuArgs
 from .network import Network, NetworkArgs
-from .replicas import Replicas, ReplicasArgs
+from .replicas import COMMAND_OUTPUT_PREFIX, Replicas, ReplicasArgs
 
 SCHEMA_VERSION = 1
 
@@ -96,7 +96,8 @@ def build(cfg: StackConfig, stack_name: str) -> Stack:
             {"name": name, "availability_zone": zone, "host": inst.private_ip, "port": 5432, "database": cfg.database,
              "data_dir": data_dir, "bin_dir": f"/usr/lib/postgresql/{cfg.pg_major}/bin",
              "socket_dir": "/var/run/postgresql",
-             "commands": {"kind": "ssm", "instance_id": inst.id, "region": cfg.region, "os_user": "postgres"}}
+             "commands": {"kind": "ssm", "instance_id": inst.id, "region": cfg.region, "os_user": "postgres",
+                          "output_bucket": replicas.command_output.bucket, "output_prefix": COMMAND_OUTPUT_PREFIX}}
             for name, zone, inst in zip(replicas.names, replicas.zones, replicas.instances)],
         "aurora": {"writer_endpoint": aurora.cluster.endpoint, "reader_endpoint": aurora.cluster.reader_endpoint,
                    "port": 5432, "database": cfg.database, "master_user": "tern_master",

@@ -57,6 +57,10 @@ class CommandChannel(_Model):
     os_user: str = "postgres"
     instance_id: str | None = None
     region: str | None = None
+    # ssm: the S3 bucket SSM writes each command's full output to (it returns only the first 24,000
+    # characters inline); without it a longer output is refused. The instance role may write there.
+    output_bucket: str | None = None
+    output_prefix: str = "tern/ssm"
 
     @model_validator(mode="after")
     def _ssm_needs_instance(self) -> "CommandChannel":

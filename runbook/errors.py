@@ -44,6 +44,11 @@ class TimeoutExpired(RunbookError):
     """A bounded wait ran out of time."""
 
 
+class CommandTimeout(CommandError, TimeoutExpired):
+    """A host command ran out of time: killed on the host at its timeout, or not finished by the deadline.
+    Both a :class:`CommandError` (the host contract) and a :class:`TimeoutExpired` (the runbook's timeout)."""
+
+
 class PreflightError(RunbookError):
     """A precondition of a step does not hold; nothing was changed."""
 
@@ -54,6 +59,11 @@ class VerificationError(RunbookError):
 
 class StepError(RunbookError):
     """A runbook step failed; carries the step's name."""
+
+
+class Refused(StepError):
+    """A run stopped by its preflight before any step acted: nothing was changed. An unmet
+    precondition, so the CLI exits 2 (a StepError still, for callers that catch a run's failures)."""
 
 
 class NotPromoted(StepError):

@@ -47,11 +47,16 @@ def check_rehearsal(stack: str, project_dir: Path) -> None:
         raise PreflightError(f"refusing to tear down {stack!r}: {path.name} does not mark it as a rehearsal "
                              "stack (tern:rehearsal: true)")
     out = run_pulumi(["stack", "output", "--json", "-s", stack], cwd=project_dir, timeout=120)
+    # no outputs (a stack never deployed, a failed update, a misread) prove nothing: refuse
     try:
-        live = json.loads(out.stdout or "{}")
+        live = json.loads(out.stdout)
     except json.JSONDecodeError:
-        raise RunbookError(f"stack {stack!r}: pulumi printed outputs that are not JSON") from None
-    if live and live.get("rehearsal") is not True:
+        raise PreflightError(f"refusing to tear down {stack!r}: its live outputs cannot be read "
+                             "(pulumi printed no JSON)") from None
+    if not isinstance(live, dict) or not live:
+        raise PreflightError(f"refusing to tear down {stack!r}: it has no live outputs, so nothing says it is a "
+                             "rehearsal stack (destroy it by hand if it really is one)")
+    if live.get("rehearsal") is not True:
         raise PreflightError(f"refusing to tear down {stack!r}: its live outputs do not say rehearsal: true")
 
 

@@ -132,7 +132,8 @@ def host_for(replica) -> HostCommands:
         return LocalHost(replica.name, os_user=channel.os_user)
     from .ssm_host import SsmHost  # noqa: F401  (arrives with the AWS adapters)
 
-    return SsmHost(replica.name, instance_id=channel.instance_id, region=channel.region, os_user=channel.os_user)
+    return SsmHost(replica.name, instance_id=channel.instance_id, region=channel.region, os_user=channel.os_user,
+                   output_bucket=channel.output_bucket, output_prefix=channel.output_prefix)
 
 
 def app_for(app) -> AppControl:

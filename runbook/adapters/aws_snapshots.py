@@ -1,7 +1,18 @@
 """Snapshots on AWS before a point of no return: EBS (a replica's data volume), Aurora cluster.
 
-Both are waited on (bounded), tagged with the run's label, and idempotent: a snapshot
-with the label already completed is not taken again.
+EBS: "the snapshot is created immediately, but it remains in the pending state until all of data
+has been transferred to Amazon S3. This can take several hours [...] The snapshot includes only the
+data that was written to the volume at the time the snapshot was requested" (EBS user guide). So
+:meth:`EbsSnapshots.create` returns as soon as the snapshot exists and has not failed - the fallback
+point is taken - and never waits for ``completed`` (hours for 1.4 TB, and the EC2 plan may take one
+inside the downtime window when it switches candidates). :meth:`EbsSnapshots.completed` is the
+separate, later check that it finished (before the snapshot is relied on, or the run is closed).
+The EC2 API is eventually consistent: ``InvalidSnapshot.NotFound`` right after CreateSnapshot is
+retried with back-off, as the EC2 guide prescribes. Every call goes through
+:func:`~runbook.adapters.aws_calls.aws_call` (throttling retried, errors become RunbookError).
+
+Both kinds are tagged with the run's label and idempotent: a snapshot with the label (pending or
+completed) is not taken again.
 """
 
 from __future__ import annotations
@@ -10,22 +21,31 @@ import time
 from typing import Callable
 
 from ..errors import RunbookError, TimeoutExpired
+from ..polling import wait_until
+from .aws_calls import aws_call, client as aws_client, error_code, refused, transient
+
+NOT_FOUND = "InvalidSnapshot.NotFound"
 
 
 class EbsSnapshots:
     def __init__(self, replica, *, ec2=None, sleep: Callable[[float], None] = time.sleep,
-                 poll_interval: float = 10.0) -> None:
-        import boto3
-
+                 clock: Callable[[], float] = time.monotonic, poll_interval: float = 10.0,
+                 api_attempts: int = 8, api_first_wait: float = 1.0, api_max_wait: float = 30.0) -> None:
         self.replica = replica
         self.instance_id = replica.commands.instance_id
-        self.ec2 = ec2 or boto3.client("ec2", region_name=replica.commands.region)
+        self.ec2 = ec2 if ec2 is not None else aws_client("ec2", replica.commands.region)
         self.sleep = sleep
+        self.clock = clock
         self.poll_interval = poll_interval
+        self._retry = {"attempts": api_attempts, "first_wait": api_first_wait, "max_wait": api_max_wait,
+                       "sleep": sleep}
+
+    def _call(self, fn, what: str, **kwargs):
+        return aws_call(fn, what=f"{self.replica.name}: EC2 {what}", **self._retry, **kwargs)
 
     def data_volume(self) -> str:
-        res = self.ec2.describe_instances(InstanceIds=[self.instance_id])["Reservations"]
-        inst = res[0]["Instances"][0]
+        res = self._call(self.ec2.describe_instances, "DescribeInstances", InstanceIds=[self.instance_id])
+        inst = res["Reservations"][0]["Instances"][0]
         root = inst.get("RootDeviceName")
         vols = [m["Ebs"]["VolumeId"] for m in inst.get("BlockDeviceMappings", []) if m["DeviceName"] != root]
         if not vols:
@@ -33,33 +53,61 @@ class EbsSnapshots:
         return vols[0]
 
     def _find(self, label: str) -> dict | None:
-        snaps = self.ec2.describe_snapshots(OwnerIds=["self"], Filters=[
+        snaps = self._call(self.ec2.describe_snapshots, "DescribeSnapshots", OwnerIds=["self"], Filters=[
             {"Name": "tag:tern:label", "Values": [label]},
-            {"Name": "tag:tern:replica", "Values": [self.replica.name]}])["Snapshots"]
+            {"Name": "tag:tern:replica", "Values": [self.replica.name]},
+            {"Name": "status", "Values": ["pending", "completed"]}])["Snapshots"]
         return snaps[0] if snaps else None
 
+    def _describe(self, snap_id: str) -> dict:
+        """The snapshot; ``InvalidSnapshot.NotFound`` (not visible yet) is retried with back-off."""
+        snaps = self._call(self.ec2.describe_snapshots, f"DescribeSnapshots {snap_id}",
+                           retry_on=lambda exc: transient(exc) or error_code(exc) == NOT_FOUND,
+                           SnapshotIds=[snap_id])["Snapshots"]
+        if not snaps:
+            raise RunbookError(f"{self.replica.name}: EBS snapshot {snap_id} is not listed")
+        return snaps[0]
+
     def exists(self, label: str) -> bool:
-        snap = self._find(label)
-        return bool(snap and snap["State"] == "completed")
+        """Taken (pending or completed): the point in time is fixed once the snapshot exists."""
+        return self._find(label) is not None
 
     def create(self, label: str, *, timeout: float) -> str:
+        """Take the snapshot (or find the one already taken) and return its id once EC2 shows it and it has
+        not failed; never waits for ``completed`` (see :meth:`completed`). ``timeout`` is not waited: the
+        retries of the visibility check are bounded by themselves."""
+        snap = self._find(label)
+        if snap is not None:
+            return snap["SnapshotId"]
+        created = self._call(self.ec2.create_snapshot, "CreateSnapshot", retry_on=refused,
+                             VolumeId=self.data_volume(), Description=f"tern {label} {self.replica.name}",
+                             TagSpecifications=[{"ResourceType": "snapshot", "Tags": [
+                                 {"Key": "tern:label", "Value": label},
+                                 {"Key": "tern:replica", "Value": self.replica.name}]}])
+        snap_id = created["SnapshotId"]
+        state = self._describe(snap_id)["State"]
+        if state == "error":
+            raise RunbookError(f"{self.replica.name}: EBS snapshot {snap_id} failed")
+        return snap_id
+
+    def completed(self, label: str, *, timeout: float) -> str:
+        """The later check: wait (bounded) until the label's snapshot is ``completed``; its id."""
         snap = self._find(label)
         if snap is None:
-            snap = self.ec2.create_snapshot(
-                VolumeId=self.data_volume(), Description=f"tern {label} {self.replica.name}",
-                TagSpecifications=[{"ResourceType": "snapshot", "Tags": [
-                    {"Key": "tern:label", "Value": label}, {"Key": "tern:replica", "Value": self.replica.name}]}])
-        snap_id = snap["SnapshotId"]
-        deadline = time.monotonic() + timeout
-        while True:
-            state = self.ec2.describe_snapshots(SnapshotIds=[snap_id])["Snapshots"][0]["State"]
-            if state == "completed":
-                return snap_id
-            if state == "error":
+            raise RunbookError(f"{self.replica.name}: no EBS snapshot labelled {label}")
+        snap_id, seen = snap["SnapshotId"], {"state": snap["State"], "progress": snap.get("Progress", "")}
+
+        def done() -> bool:
+            current = self._describe(snap_id)
+            seen.update(state=current["State"], progress=current.get("Progress", ""))
+            if seen["state"] == "error":
                 raise RunbookError(f"{self.replica.name}: EBS snapshot {snap_id} failed")
-            if time.monotonic() > deadline:
-                raise TimeoutExpired(f"{self.replica.name}: EBS snapshot {snap_id} still {state} after {timeout:.0f}s")
-            self.sleep(self.poll_interval)
+            return seen["state"] == "completed"
+
+        wait_until(done, timeout=timeout, interval=self.poll_interval,
+                   what=f"EBS snapshot {snap_id} of {self.replica.name} to complete",
+                   last=lambda: f"{seen['state']} {seen['progress']}".strip(), clock=self.clock, sleep=self.sleep)
+        return snap_id
 
 
 class AuroraSnapshots:

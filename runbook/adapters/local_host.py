@@ -13,7 +13,7 @@ import pwd
 import subprocess
 from typing import Sequence
 
-from ..errors import CommandError
+from ..errors import CommandError, CommandTimeout
 from ..redact import redact
 from . import CommandResult, HostCommands
 
@@ -49,7 +49,7 @@ class LocalHost(HostCommands):
             proc = subprocess.run(full, input=input, capture_output=True, text=True, timeout=timeout,
                                   cwd="/", check=False)
         except subprocess.TimeoutExpired:
-            raise CommandError(f"{self.name}: `{self.describe(argv)}` timed out after {timeout:.0f}s") from None
+            raise CommandTimeout(f"{self.name}: `{self.describe(argv)}` timed out after {timeout:.0f}s") from None
         except OSError as exc:
             raise CommandError(f"{self.name}: cannot run `{self.describe(argv)}`: {exc.strerror}") from None
         result = CommandResult(proc.returncode, proc.stdout, proc.stderr)

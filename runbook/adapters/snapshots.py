@@ -37,6 +37,14 @@ class LocalSnapshots:
             self._drop_slot(slot)
         return target
 
+    def completed(self, label: str, *, timeout: float) -> str:
+        """A base backup is complete when :meth:`create` returns (the EBS snapshot's later check, here at once)."""
+        if not self.exists(label):
+            from ..errors import RunbookError
+
+            raise RunbookError(f"no snapshot labelled {label} under {self.root}")
+        return self.path(label)
+
     def _drop_slot(self, slot: str) -> None:
         from ..postgres import literal
 

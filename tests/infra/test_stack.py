@@ -25,6 +25,9 @@ class Mocks(pulumi.runtime.Mocks):
         state = dict(args.inputs)
         name = args.name
         state.setdefault("arn", f"arn:aws:mock:us-east-1:123456789012:{name}")
+        if args.typ == "aws:s3/bucket:Bucket":
+            state.setdefault("bucket", f"{name}-8f2e1a")
+            state["arn"] = f"arn:aws:s3:::{state['bucket']}"
         if args.typ == "aws:ec2/instance:Instance":
             state["private_ip"] = f"10.0.{len(self.resources) % 250}.10"
         if args.typ == "aws:rds/cluster:Cluster":
@@ -254,6 +257,36 @@ def test_replicas_may_read_only_the_replication_secret_and_the_archive(built):
         return True
 
     return pulumi.Output.all(all_registered(stack), stack.replicas.secret_read.urn).apply(check)
+
+
+@pulumi.runtime.test
+def test_command_output_goes_to_a_private_expiring_bucket_the_replicas_may_only_write(built):
+    """SSM returns 24,000 characters of a command's output inline: the rest is read from this bucket."""
+    stack_name, stack, mocks = built
+    from runbook.contract import parse
+
+    def check(values):
+        contract = parse(values[0], origin=f"stack {stack_name}")
+        assert {(r.commands.output_bucket, r.commands.output_prefix) for r in contract.replicas} == \
+            {("tern-replicas-ssm-output-8f2e1a", "tern/ssm")}
+        write = json.loads(dict(of_type(mocks, "aws:iam/rolePolicy:RolePolicy"))["tern-replicas-ssm-output-write"]
+                           ["policy"])["Statement"]
+        assert write == [{"Effect": "Allow", "Action": ["s3:PutObject"],
+                          "Resource": "arn:aws:s3:::tern-replicas-ssm-output-8f2e1a/tern/ssm/*"},
+                         {"Effect": "Allow", "Action": ["s3:GetEncryptionConfiguration"],
+                          "Resource": "arn:aws:s3:::tern-replicas-ssm-output-8f2e1a"}]
+        (_, private), = of_type(mocks, "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock")
+        assert all(private[k] for k in ("blockPublicAcls", "blockPublicPolicy", "ignorePublicAcls",
+                                        "restrictPublicBuckets"))
+        (_, expiry), = of_type(mocks, "aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration")
+        assert expiry["rules"][0]["expiration"]["days"] == 7 and expiry["rules"][0]["filter"]["prefix"] == "tern/ssm/"
+        (_, bucket), = of_type(mocks, "aws:s3/bucket:Bucket")
+        assert bucket["forceDestroy"] is (stack_name == "dev")     # a rehearsal's bucket goes with its stack
+        return True
+
+    r = stack.replicas
+    return pulumi.Output.all(pulumi.Output.from_input(stack.outputs), all_registered(stack), r.command_output_write.urn,
+                             r.command_output_private.urn, r.command_output_expiry.urn).apply(check)
 
 
 # -- config as the real CLI passes it ---------------------------------------------------------

@@ -85,3 +85,22 @@ def test_a_stack_file_not_marked_rehearsal_is_refused(tmp_path):
     (tmp_path / "Pulumi.qa.yaml").write_text("config:\n  tern:rehearsal: false\n")
     with pytest.raises(PreflightError, match="does not mark it as a rehearsal"):
         check_rehearsal("qa", tmp_path)
+
+
+@pytest.mark.parametrize("printed, why", [
+    ("", "cannot be read"),                    # a stack never deployed prints nothing
+    ("{}", "has no live outputs"),
+    ("[]", "has no live outputs"),
+    ("Diagnostics: not json", "cannot be read"),
+])
+def test_empty_or_unreadable_live_outputs_are_refused(fake_pulumi, monkeypatch, printed, why):
+    from runbook.errors import PreflightError
+    from runbook.teardown import check_rehearsal
+
+    env, log = fake_pulumi
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.setenv("FAKE_PULUMI_LOG", env["FAKE_PULUMI_LOG"])
+    monkeypatch.setenv("FAKE_PULUMI_OUTPUTS", printed)
+    with pytest.raises(PreflightError, match=f"refusing to tear down 'dev': .*{why}"):
+        check_rehearsal("dev", ROOT)
+    assert calls(log) == ["stack output --json -s dev"]       # asked, and nothing destroyed
