@@ -2,13 +2,15 @@
 
 JSON keys (stable):
 
-``run_id``, ``kind``, ``outcome`` (completed | fell_back | fallback_failed | failed | in_progress), ``reason``,
+``run_id``, ``kind``, ``outcome`` (completed | fell_back | fallback_failed | failed | in_progress; refused: hop 2's
+preflight stopped it, nothing changed), ``reason``,
 ``candidate``, ``new_leader``, ``steps[]`` (``name``, ``started_at``, ``ended_at``, ``seconds``,
 ``outcome``, ``detail``), ``downtime`` (``maintenance_at``, ``switched_at``, ``app_started_at``),
 ``write_unavailability`` (``last_ack_on_source``, ``first_ack_on_target``, ``target``, ``seconds``;
 from the app's ledger, sandbox only), ``acknowledged_writes``, ``missing_on_target`` (must be 0),
 ``missing_keys``, ``checked_on``, ``verification`` (the in-window gate), ``verification_full`` (every
-row, after the switch, against a replica held at the final LSN), ``repoint_failures``, ``catchup_seconds``.
+row: hop 1 after the switch against a replica held at the final LSN; hop 2 before the freeze against an
+EC2 standby held where Aurora's apply stopped), ``repoint_failures``, ``catchup_seconds``.
 
 Every point in time is an ISO 8601 UTC string with milliseconds (``2026-11-27T11:20:31.123Z``);
 durations are seconds. The journal keeps epoch seconds; only the report converts them.

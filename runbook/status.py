@@ -4,12 +4,25 @@ JSON keys (stable):
 
 ``nodes[]``: ``name``, ``kind`` (source|ec2|aurora), ``role`` (primary|standby|stopped|empty|unreachable),
 ``timeline``, ``lsn`` (current LSN of a primary, replayed LSN of a standby), ``receive_lsn``,
-``lag_bytes`` and ``lag_seconds`` (behind the source's *current* LSN while the source leads),
-``upstream`` (``archive``, ``host:port`` or null), ``last_segment`` (last WAL segment replayed),
+``lag_bytes`` and ``lag_seconds`` (behind the source's *current* LSN while the source leads; for
+Aurora, the logical lag behind the EC2 leader's current LSN, as in ``replication``),
+``upstream`` (``archive``, ``host:port`` or null; Aurora: the leader it subscribes to), ``last_segment`` (last WAL segment replayed),
 ``availability_zone``, ``error``; the source also has ``fenced`` (its database admits no new session
 of the app's role, or they are read-only) and ``current_app_target`` (the app's DATABASE_URL points at it).
 ``app``: ``maintenance``, ``formation``, ``running``, ``database_endpoint``.
 ``ledger``: ``acknowledged``, ``in_doubt`` (sandbox only; null elsewhere).
+``replication`` (hop 2, EC2 leader -> Aurora; :func:`runbook.replication.setup.replication_status`):
+``state`` (``not set up`` | ``initial copy`` | ``streaming`` | ``not streaming`` | ``disabled`` | ``slot missing`` |
+``slot lost`` | ``unreachable``), ``engine``, ``leader``, ``subscription``, ``enabled``, ``tables`` (table ->
+``pg_subscription_rel.srsubstate``: ``i`` initialize, ``d`` copying, ``f``/``s`` finishing, ``r`` ready),
+``tables_ready``, ``tables_total``, ``leader_lsn`` (the leader's ``pg_current_wal_lsn()``), ``confirmed_lsn``
+(the slot's ``confirmed_flush_lsn``: applied and flushed on Aurora), ``applied_lsn`` (what Aurora's apply
+worker reported applied), ``lag_bytes`` (``leader_lsn - confirmed_lsn``), ``lag_seconds`` (how long ago the
+leader was at ``confirmed_lsn``: interpolated over the sample on the leader's clock, else PostgreSQL's
+``replay_lag``), ``slot_active``, ``wal_status``, ``safe_wal_size``; over a sample of ``sample_seconds``
+(taken while the subscription is enabled): ``write_bytes_per_second`` (leader WAL),
+``apply_bytes_per_second`` (confirmed), ``headroom`` (their ratio; null when nothing was written),
+``caught_up`` (at both ends of the sample); ``note`` (why not streaming), ``error``. Null what is unknown.
 """
 
 from __future__ import annotations
@@ -141,12 +154,21 @@ def aurora_status(outputs: Outputs, timeout: float) -> dict[str, Any]:
     return entry
 
 
-def gather(outputs: Outputs, *, timeout: float = 5.0) -> dict[str, Any]:
+def gather(outputs: Outputs, *, timeout: float = 5.0, sample_seconds: float = 2.0) -> dict[str, Any]:
+    from .replication.setup import replication_status
+
     app = app_for(outputs.app)
     src = source_status(app, outputs, timeout)
     source_lsn = lsn_to_int(src.get("lsn"))
     nodes = [src] + [replica_status(r, source_lsn) for r in outputs.replicas]
-    nodes.append(aurora_status(outputs, timeout))
+    aurora = aurora_status(outputs, timeout)
+    replication = replication_status(outputs, timeout=timeout, sample_seconds=sample_seconds)
+    if replication["state"] not in ("not set up", "unreachable"):
+        # Aurora's lag is the logical one, from the EC2 leader's current LSN
+        leader = outputs.replica(replication["leader"])
+        aurora.update(lag_bytes=replication["lag_bytes"], lag_seconds=replication["lag_seconds"],
+                      upstream=f"{leader.host}:{leader.port}" if replication["enabled"] else None)
+    nodes.append(aurora)
     url = app.config_var(outputs.source.database_url_var)
     app_info = {"name": outputs.app.name, "maintenance": app.maintenance(), "formation": app.formation(),
                 "running": app.running(), "database_endpoint": "{}:{}".format(*url_endpoint(url)[:2]) if url else None}
@@ -157,4 +179,5 @@ def gather(outputs: Outputs, *, timeout: float = 5.0) -> dict[str, Any]:
         acked, doubt = ledger.acked_and_doubt(ledger.read(outputs.app.state_dir))
         ledger_info = {"acknowledged": sum(len(v) for v in acked.values()),
                        "in_doubt": sum(len(v) for v in doubt.values())}
-    return {"stack": outputs.stack, "taken_at": time.time(), "nodes": nodes, "app": app_info, "ledger": ledger_info}
+    return {"stack": outputs.stack, "taken_at": time.time(), "nodes": nodes, "app": app_info, "ledger": ledger_info,
+            "replication": replication}

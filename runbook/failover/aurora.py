@@ -2,9 +2,14 @@
 
 The plan, in order:
 
-1. ``preflight``: the EC2 leader, every table streaming, lag under ``max_lag_bytes`` measured from
-   the leader's *current* LSN, apply keeping up with the writes over a short sample.
+1. ``preflight``: the EC2 leader, every table synchronised (``r``), lag under ``max_lag_bytes`` measured
+   from the leader's *current* LSN, apply headroom over ``apply_sample_seconds`` (the rule:
+   :mod:`runbook.replication.headroom`), an EC2 standby of the leader for the full verification.
+   A refusal changes nothing (exit 2).
 2. ``snapshot``: Aurora's (cluster snapshot) and the leader's, before any downtime.
+2b. ``verify_full``: every row of Aurora against an EC2 standby held at the commit where Aurora's apply
+   was stopped (:mod:`.consistent_point`), with the app still running; replication resumes after it.
+   A difference refuses the failover before anything is frozen.
 3. ``stop_workers``, 4. ``maintenance_on``: as in hop 1 (:mod:`.app_steps`).
 5. ``fence``: the EC2 leader, with the same fence as hop 1 (:mod:`.fence`; tern's replication
    role is exempt: its walsender feeds Aurora).
@@ -33,15 +38,17 @@ from psycopg import sql
 
 from ..adapters.aurora import aurora_api_for
 from ..adapters.snapshots import snapshots_for
-from ..errors import NotPromoted, PreflightError, RunbookError, VerificationError
+from ..errors import NotPromoted, PreflightError, RunbookError, StepError, VerificationError
 from ..pg import lsn_to_int, url_endpoint, url_user
 from ..polling import wait_until
 from ..postgres import literal
 from ..replication import REVERSE, SUBSCRIPTION, TERN_SCHEMA, native
+from ..replication import headroom as headroom_mod
 from ..replication.leader import EC2_URL_VAR, aurora_app_url, aurora_master_url, leader
 from ..secrets import resolve
 from ..steps import Step
-from ..verify import gate
+from ..verify import choose_sample, gate
+from . import consistent_point
 from . import fence as fence_mod
 from .app_steps import (app_started, maintenance_on, restore_workers, start_app, stop_workers,
                         workers_stopped)
@@ -83,7 +90,9 @@ def preflight(ctx: Context) -> dict[str, Any]:
                              "rds.logical_replication = 1 (wal_level logical) and its master in rds_replication")
     waiting = sorted(t for t, s in states.items() if s != "r")
     if not states or waiting:
-        raise PreflightError(f"not every table streams into Aurora yet ({', '.join(waiting[:5]) or 'none'}): "
+        named = ", ".join(f"{t} ({native.STATES.get(states[t], states[t])})" for t in waiting[:5])
+        more = f" and {len(waiting) - 5} more" if len(waiting) > 5 else ""
+        raise PreflightError(f"not every table is synchronised into Aurora ({named or 'no table at all'}{more}): "
                              "wait for replicate-aurora's initial copy")
     seen: dict[str, Any] = {}
 
@@ -101,28 +110,30 @@ def preflight(ctx: Context) -> dict[str, Any]:
         raise PreflightError(f"the replication slot {SUBSCRIPTION} on {r.name} is "
                              f"{'missing' if not seen.get('slot') else 'not in use'}: replication is not running "
                              f"(Aurora's apply errors so far: {errors[0] if errors else '?'}; see its log)") from None
-    first = native.lag(pg)
-    time.sleep(2.0)
-    second = native.lag(pg)
-    written = lsn_to_int(second["leader_lsn"]) - lsn_to_int(first["leader_lsn"])
-    applied = lsn_to_int(second["confirmed_lsn"]) - lsn_to_int(first["confirmed_lsn"])
-    if second["lag_bytes"] > ctx.settings.max_lag_bytes:
-        raise PreflightError(f"Aurora is {second['lag_bytes']:,} bytes behind {r.name} "
-                             f"(threshold {ctx.settings.max_lag_bytes:,})")
-    if written > 0 and second["lag_bytes"] > max(first["lag_bytes"], 0) + ctx.settings.max_lag_bytes // 4:
-        raise PreflightError(f"apply falls behind the writes: lag grew from {first['lag_bytes']:,} to "
-                             f"{second['lag_bytes']:,} bytes in 2 s ({applied:,} applied for {written:,} written)")
+    # the apply headroom over a short sample, by the rule of runbook/replication/headroom.py: under
+    # max_lag_bytes at the end; caught up at both ends is enough (a quiet app); else apply bytes/s at
+    # least min_apply_headroom x the leader's WAL bytes/s
+    first, second = native.sample(pg, ctx.settings.apply_sample_seconds)
+    measured = headroom_mod.measure(headroom_mod.Look.of(first), headroom_mod.Look.of(second))
+    enough, why = headroom_mod.judge(measured, min_headroom=ctx.settings.min_apply_headroom,
+                                     max_lag_bytes=ctx.settings.max_lag_bytes)
+    if not enough:
+        raise PreflightError(f"Aurora's apply does not keep up with {r.name}: {why}")
+    standby = consistent_point.pick_standby(ctx, r.name) if ctx.settings.full_verification == "witness" else None
+    if ctx.settings.full_verification == "witness" and standby is None:
+        raise PreflightError(f"no EC2 standby streams from {r.name}: the full verification holds one where Aurora "
+                             "stopped; restore one (or set tern.full_verification = skip to go without it)")
     with ctx.source("preflight") as conn:
         prepared = fence_mod.prepared_transactions(conn)
         if prepared:
             raise PreflightError(f"prepared transactions on {r.name}: {', '.join(prepared[:5])}")
         limit = conn.execute("SELECT datconnlimit FROM pg_database WHERE datname = current_database()").fetchone()[0]
-    headroom = (f"applied {applied:,} of {written:,} bytes written in 2 s" if written else "no writes in 2 s")
     a = ctx.outputs.aurora
     return {"leader": r.name, "candidate": "aurora", "source_endpoint": f"{r.host}:{r.port}",
             "target_endpoint": f"{a.writer_endpoint}:{a.port}", "source_connection_limit": limit,
             "formation": ctx.app.formation(), "others": [],
-            "detail": f"leader {r.name}; {len(states)} tables streaming; lag {second['lag_bytes']:,} bytes; {headroom}"}
+            "apply_headroom": measured.to_json(), "standby": standby,
+            "detail": f"leader {r.name}; {len(states)} tables streaming; lag {second['lag_bytes']:,} bytes; {why}"}
 
 
 def _has_role(conn, name: str) -> bool:
@@ -172,53 +183,87 @@ def catch_up(ctx: Context) -> dict[str, Any]:
     t0 = time.monotonic()
     seen = wait_until(lambda: applied_final(ctx), timeout=ctx.settings.catchup_timeout,
                       interval=ctx.settings.poll_interval, what="Aurora to apply the sentinel and the final LSN",
-                      last=lambda: f"lag {native.lag(_leader_pg(ctx)).get('lag_bytes')} bytes")
+                      last=lambda: f"lag {native.lag(_leader_pg(ctx)).get('lag_bytes')} bytes"
+                      + (f"; Aurora unreachable: {ctx.data['_aurora_unreachable']}"
+                         if ctx.data.get("_aurora_unreachable") else ""))
     seconds = round(time.monotonic() - t0, 3)
     return {"catchup_seconds": seconds, "detail": f"sentinel seen on Aurora, final LSN {ctx.data['final_lsn']} "
                                                   f"confirmed in {seconds:.2f}s ({seen})"}
 
 
 def applied_final(ctx: Context) -> str | None:
-    """The sentinel is on Aurora and Aurora confirmed the final LSN (both engines: the sentinel)."""
-    with _master(ctx) as master:
-        row = master.execute(sql.SQL("SELECT 1 FROM {}.sentinel WHERE run_id = %s").format(
-            sql.Identifier(TERN_SCHEMA)), (ctx.journal.run_id,)).fetchone()
+    """The sentinel is on Aurora and Aurora confirmed the final LSN (both engines: the sentinel).
+
+    Aurora unreachable for a while (a restart, a failover of its writer: tens of seconds on AWS) is
+    waited through until the catch-up deadline; a slot gone on the leader cannot heal: it fails at once."""
+    lag = native.lag(_leader_pg(ctx))
+    if not lag["slot"] or lag["wal_status"] == "lost":
+        # no slot, no way for Aurora to receive what the leader wrote: waiting cannot help
+        raise StepError(f"the replication slot {SUBSCRIPTION} on the EC2 leader is "
+                        f"{'gone' if not lag['slot'] else 'lost (its WAL was removed)'}: Aurora cannot catch up. "
+                        "Falling back; rebuild Aurora's copy with `invoke replicate-aurora` before trying again")
+    try:
+        with _master(ctx) as master:
+            row = master.execute(sql.SQL("SELECT 1 FROM {}.sentinel WHERE run_id = %s").format(
+                sql.Identifier(TERN_SCHEMA)), (ctx.journal.run_id,)).fetchone()
+    except (psycopg.OperationalError, RunbookError) as exc:
+        ctx.data["_aurora_unreachable"] = str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__
+        return None
+    ctx.data.pop("_aurora_unreachable", None)
     if row is None:
         return None
-    lag = native.lag(_leader_pg(ctx))
     if lag["confirmed_lsn"] is None or lsn_to_int(lag["confirmed_lsn"]) < lsn_to_int(ctx.data["final_lsn"]):
         return None
     return f"confirmed {lag['confirmed_lsn']}"
 
 
 # -- 7. sequences --------------------------------------------------------------------------------
-def sequences(ctx: Context) -> dict[str, Any]:
-    conn = ctx.held().control
-    rows = conn.execute("SELECT schemaname, sequencename, last_value, increment_by FROM pg_sequences "
-                        "WHERE schemaname <> %s ORDER BY 1, 2", (TERN_SCHEMA,)).fetchall()
+def sync_sequences(frozen, target) -> list[str]:
+    """Every sequence of ``frozen`` (a session on the side that stopped writing) set on ``target`` to its
+    value + SEQUENCE_MARGIN steps, unless already at or past it; the names of those set. Also used by
+    rollback-aurora, the other way round."""
+    rows = frozen.execute("SELECT schemaname, sequencename, last_value, increment_by FROM pg_sequences "
+                          "WHERE schemaname <> %s ORDER BY 1, 2", (TERN_SCHEMA,)).fetchall()
     done = []
+    for schema_name, name, last, step in rows:
+        ident = sql.Identifier(schema_name, name)
+        if last is None:
+            continue   # never used on the frozen side: nothing to carry
+        current = target.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(ident)).fetchone()
+        want = int(last) + SEQUENCE_MARGIN * int(step)
+        if current is not None and current[1] and (int(current[0]) - want) * int(step) >= 0:
+            continue   # already at or past (a resumed run)
+        target.execute("SELECT setval(format('%%I.%%I', %s::text, %s::text)::regclass, %s, true)",
+                       (schema_name, name, want))
+        done.append(f"{schema_name}.{name}")
+    return done
+
+
+def sequences(ctx: Context) -> dict[str, Any]:
     with _master(ctx) as master:
-        for schema_name, name, last, step in rows:
-            ident = sql.Identifier(schema_name, name)
-            if last is None:
-                continue   # never used on the leader: nothing to carry
-            current = master.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(ident)).fetchone()
-            want = int(last) + SEQUENCE_MARGIN * int(step)
-            if current is not None and current[1] and (int(current[0]) - want) * int(step) >= 0:
-                continue   # already at or past (a resumed run)
-            master.execute("SELECT setval(format('%%I.%%I', %s::text, %s::text)::regclass, %s, true)",
-                           (schema_name, name, want))
-            done.append(f"{schema_name}.{name}")
+        done = sync_sequences(ctx.held().control, master)
     return {"sequences_synced": len(done),
             "detail": f"{len(done)} sequences set on Aurora to the leader's value + {SEQUENCE_MARGIN} steps"}
 
 
 # -- 8. verify -----------------------------------------------------------------------------------
+def sample(ctx: Context) -> dict[str, Any]:
+    """The gate's sample, chosen now and read once on the leader and Aurora (as hop 1's: the window
+    then reads memory; the keys stay in memory, a resumed run samples inside the window)."""
+    plan = choose_sample(ctx.source_url(), aurora_master_url(ctx.outputs), sample_percent=ctx.settings.sample_percent,
+                         sample_rows=ctx.settings.gate_sample_rows, sample_timeout=ctx.settings.gate_sample_timeout,
+                         timeout=ctx.settings.connect_timeout)
+    ctx.sample_plan = plan
+    return {"detail": f"{plan.rows:,} rows of {len(plan.keys)} tables chosen and read on the leader and Aurora "
+                      f"in {plan.seconds:.2f}s"}
+
+
 def verify(ctx: Context) -> dict[str, Any]:
     result = gate(ctx.source_url(), aurora_master_url(ctx.outputs), sample_percent=ctx.settings.sample_percent,
                   sample_rows=ctx.settings.gate_sample_rows, sample_timeout=ctx.settings.gate_sample_timeout,
                   sequences="at_least", timeout=ctx.settings.connect_timeout,
-                  source_connections=ctx.held().verification()[:1], ignore_extensions=True)
+                  source_connections=ctx.held().verification()[:1], ignore_extensions=True,
+                  sample_plan=ctx.sample_plan)
     summary = result.summary()
     ctx.journal.record("verify", "progress", context={"verification": summary})
     if not result.ok:
@@ -308,6 +353,8 @@ def switched(ctx: Context) -> bool:
 
 def switch(ctx: Context) -> dict[str, Any]:
     var = ctx.outputs.source.database_url_var
+    with _master(ctx) as master:   # a rollback-aurora left the app's role fenced on Aurora: admit it again
+        fence_mod.readmit_role(master, url_user(ctx.source_url()))
     ctx.app.set_config_vars({var: aurora_app_url(ctx.app, ctx.outputs), EC2_URL_VAR: ctx.source_url()})
     a = ctx.outputs.aurora
     return {"switched_at": time.time(), "detail": f"{var} -> {a.writer_endpoint}:{a.port} "
@@ -325,8 +372,13 @@ def plan() -> list[Step]:
     return [
         Step("preflight", "preflight: replication streaming and keeping up", preflight),
         Step("snapshot", "snapshots of Aurora and the EC2 leader", snapshot),
+        Step("verify_full", "verify every row: Aurora against an EC2 standby held where it stopped (app running)",
+             consistent_point.verify_full, revert=consistent_point.release,
+             revert_hint="Aurora's subscription may still be disabled (ALTER SUBSCRIPTION tern_aurora ENABLE) and "
+                         "the EC2 standby held (ALTER SYSTEM RESET recovery_target_lsn, then restart it)"),
         Step("stop_workers", "stop background workers", stop_workers, check=workers_stopped, revert=restore_workers,
              revert_hint="the background workers are still scaled to 0: scale them back"),
+        Step("sample", "choose the gate's sample and read it on both sides (outside the window)", sample),
         Step("maintenance_on", "maintenance mode on (web stops writing)", maintenance_on,
              check=lambda ctx: ctx.app.maintenance(), revert=lambda ctx: ctx.app.set_maintenance(False),
              revert_hint="the app is still in maintenance mode: turn it off"),

@@ -135,6 +135,19 @@ def lift_statements(db: str, role: str, previous_limit: int) -> list[sql.Composa
             sql.SQL("ALTER ROLE {} RESET default_transaction_read_only").format(sql.Identifier(role))]
 
 
+# A role's own fence, for where tern's role may not close the database to everyone (Aurora's master,
+# rollback-aurora): the app's role admits no new session anywhere and defaults to read-only; the
+# master's sessions (tern's) and the replication's walsenders stay. Outlives tern's sessions.
+def role_fence_statements(role: str) -> list[sql.Composable]:
+    return [sql.SQL("ALTER ROLE {} CONNECTION LIMIT 0").format(sql.Identifier(role)),
+            sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(sql.Identifier(role))]
+
+
+def role_lift_statements(role: str, previous_limit: int) -> list[sql.Composable]:
+    return [sql.SQL("ALTER ROLE {} CONNECTION LIMIT {}").format(sql.Identifier(role), sql.Literal(previous_limit)),
+            sql.SQL("ALTER ROLE {} RESET default_transaction_read_only").format(sql.Identifier(role))]
+
+
 def prepared_transactions(conn) -> list[str]:
     return [f"{gid} (owner {owner})" for gid, owner in conn.execute(
         "SELECT gid, owner::text FROM pg_prepared_xacts WHERE database = current_database() ORDER BY prepared"
@@ -146,15 +159,51 @@ def apply(sessions: SourceSessions, *, app_url: str, timeout: float, interval: f
     """Fence the source's database; returns what was done. Raises StepError if it cannot hold."""
     conn = sessions.control
     db, role = conn.execute("SELECT current_database(), current_user").fetchone()
-    prepared = prepared_transactions(conn)
-    if prepared:
-        raise StepError(f"{len(prepared)} prepared transactions on the source ({', '.join(prepared[:5])}) could "
-                        "commit after the copy: COMMIT PREPARED or ROLLBACK PREPARED them, then run again")
+    refuse_prepared(conn)
     for statement in fence_statements(db, role, sessions.count):
         conn.execute(statement)
     killed = terminate_others(sessions, timeout=timeout, interval=interval)
     prove(sessions, app_url=app_url)
     return {"database": db, "role": role, "limit": sessions.count, "terminated": killed}
+
+
+def apply_to_role(sessions: SourceSessions, *, role: str, app_url: str, timeout: float,
+                  interval: float) -> dict[str, Any]:
+    """Fence the app's ``role`` from tern's sessions of another role (a member of it that may alter it):
+    the role's fence, then every other client session terminated and the same proof as :func:`apply`."""
+    conn = sessions.control
+    refuse_prepared(conn)
+    for statement in role_fence_statements(role):
+        conn.execute(statement)
+    killed = terminate_others(sessions, timeout=timeout, interval=interval)
+    prove(sessions, app_url=app_url)
+    return {"role": role, "terminated": killed}
+
+
+def lift_role(conn, role: str, *, previous_limit: int) -> None:
+    for statement in role_lift_statements(role, previous_limit):
+        conn.execute(statement)
+
+
+def readmit_role(conn, role: str) -> bool:
+    """Lift a role's fence left in place (CONNECTION LIMIT 0, by rollback-aurora on Aurora): no limit, the
+    read-only default reset. False when the role was not fenced (nothing done)."""
+    if role_connection_limit(conn, role) != 0:
+        return False
+    lift_role(conn, role, previous_limit=-1)
+    return True
+
+
+def role_connection_limit(conn, role: str) -> int | None:
+    row = conn.execute("SELECT rolconnlimit FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def refuse_prepared(conn) -> None:
+    prepared = prepared_transactions(conn)
+    if prepared:
+        raise StepError(f"{len(prepared)} prepared transactions on the source ({', '.join(prepared[:5])}) could "
+                        "commit after the copy: COMMIT PREPARED or ROLLBACK PREPARED them, then run again")
 
 
 def terminate_others(sessions: SourceSessions, *, timeout: float, interval: float) -> int:

@@ -9,7 +9,7 @@ from typing import Any, Callable
 from .. import report as report_mod
 from ..adapters import app_for
 from ..contract import Outputs
-from ..errors import ConfigError, StepError
+from ..errors import ConfigError, Refused, StepError
 from ..journal import Journal, RunLock
 from ..settings import Settings
 from ..steps import Runner
@@ -178,6 +178,98 @@ def failover_aurora(outputs: Outputs, settings: Settings, *, dry_run: bool = Fal
             runner.run(ctx)
         except StepError as exc:
             error = exc
+            why = refused_at_preflight(journal)
+            if why is not None:   # nothing acted: a refusal (exit 2), not a fallback
+                journal.finish("refused", why)
+                error = Refused(f"failover-aurora refused, nothing changed: {why}")
+        finally:
+            ctx.close()
+        report = report_mod.build(journal, outputs)
+        report_mod.save(journal, report)
+    if error is not None:
+        error.context["report"] = report
+        raise error
+    return report
+
+
+def refused_at_preflight(journal: Journal) -> str | None:
+    """The preflight's reason when it failed and no other step started (nothing changed), else None."""
+    started = {e["step"] for e in journal.events if e["step"] != "run" and e["event"] == "start"}
+    failed = [e for e in journal.events if e["step"] == "preflight" and e["event"] == "failed"]
+    if failed and started <= {"preflight"}:
+        return failed[-1].get("detail") or "preflight failed"
+    return None
+
+
+def _completed_rollback(state_dir: Path, outputs: Outputs, app) -> Journal | None:
+    """The last completed rollback-aurora whose EC2 leader the app still uses (running again is a no-op)."""
+    from ..pg import url_endpoint
+    from . import rollback
+
+    run_id = Journal.latest(state_dir, rollback.KIND)
+    journal = Journal.load(state_dir, run_id) if run_id else None
+    if journal is None or (journal.outcome() or ("",))[0] != "completed" or not journal.context().get("leader"):
+        return None
+    url = app.config_var(outputs.source.database_url_var)
+    r = outputs.replica(journal.context()["leader"])
+    return journal if url and url_endpoint(url)[:2] == (r.host, r.port) else None
+
+
+def rollback_aurora(outputs: Outputs, settings: Settings, *, dry_run: bool = False,
+                    confirm: Callable[[str], bool], progress: Callable[[str], None] | None = None,
+                    hooks: dict[str, Callable[[Any], None]] | None = None) -> dict[str, Any]:
+    """Undo failover 2 (Aurora -> the EC2 leader): run, resume or dry-run the plan of :mod:`.rollback`,
+    then its report. Refused (exit 2, nothing changed) when its preflight does not hold; a completed
+    rollback whose leader the app still uses is reported, not redone."""
+    from ..replication.leader import aurora_master_url
+    from . import rollback
+
+    state_dir = Path(settings.state_dir)
+    app = app_for(outputs.app)
+    journal = Journal.current(state_dir, rollback.KIND)
+    if journal is not None:
+        check_belongs(journal, outputs, settings, app)
+
+    def context(j: Journal) -> rollback.RollbackContext:
+        return rollback.RollbackContext(outputs, settings, app, j, data=j.context(), progress=progress,
+                                        source_override=aurora_master_url(outputs))
+
+    if dry_run:
+        ctx = context(journal or Journal(Path("/dev/null"), "dry-run", rollback.KIND))
+        rows = [{"step": s.name, "title": s.title, "state": state}
+                for s, state in Runner(ctx.journal, rollback.plan(), confirm=confirm).plan(ctx)]
+        pre, error = {}, None
+        try:
+            if journal is None:
+                pre = rollback.preflight(ctx)
+        except Exception as exc:  # noqa: BLE001 - a dry run reports what would stop the real one
+            error = str(exc)
+        finally:
+            ctx.close()
+        return {"dry_run": True, "kind": rollback.KIND, "plan": rows, "preflight": pre.get("detail"),
+                "preflight_error": error}
+    with RunLock(state_dir, rollback.KIND):
+        if journal is None:
+            finished = _completed_rollback(state_dir, outputs, app)
+            if finished is not None:
+                if progress:
+                    progress(f"already done: run {finished.run_id} completed and the app uses the EC2 leader")
+                return dict(report_mod.build(finished, outputs), already_done=True)
+            journal = Journal.create(state_dir, rollback.KIND, **identity(outputs, app))
+        elif progress:
+            progress(f"resuming run {journal.run_id}")
+        ctx = context(journal)
+        runner = Runner(journal, rollback.plan(), confirm=confirm, hooks=hooks or {},
+                        progress=progress or (lambda m: None))
+        error: StepError | None = None
+        try:
+            runner.run(ctx)
+        except StepError as exc:
+            error = exc
+            why = refused_at_preflight(journal)
+            if why is not None:   # nothing acted: a refusal (exit 2), not a fallback
+                journal.finish("refused", why)
+                error = Refused(f"rollback-aurora refused, nothing changed: {why}")
         finally:
             ctx.close()
         report = report_mod.build(journal, outputs)

@@ -18,10 +18,8 @@ from typing import Any
 
 from ..archive import restore_command
 from ..errors import RunbookError, VerificationError
-from ..pg import lsn_to_int
-from ..polling import wait_until
-from ..postgres import literal
 from ..verify import verify as run_verify
+from . import hold
 from .context import Context
 
 
@@ -39,23 +37,10 @@ def pick(ctx: Context) -> str | None:
 
 def hold_at_final(ctx: Context, name: str) -> str:
     """Replay the archive up to the final LSN on ``name`` and stop there; returns its replay LSN."""
-    pg = ctx.pg(name)
-    final = ctx.data["final_lsn"]
-    command = restore_command(ctx.outputs.source.archive)
-    pg.psql(f"ALTER SYSTEM SET restore_command = {literal(command)};\n"
-            f"ALTER SYSTEM SET recovery_target_lsn = {literal(final)};\n"
-            "ALTER SYSTEM SET recovery_target_inclusive = off;\n"
-            "ALTER SYSTEM SET recovery_target_action = 'pause';")
-    pg.stop(mode="fast", timeout=ctx.settings.promote_timeout)   # recovery targets need a restart
-    pg.start(timeout=ctx.settings.restore_timeout)
-    want = lsn_to_int(final)
-
-    def at_final():
-        row = pg.query_one("SELECT pg_last_wal_replay_lsn()::text AS lsn")
-        return row["lsn"] if (lsn_to_int(row["lsn"]) or 0) >= want else None
-
-    return wait_until(at_final, timeout=ctx.settings.catchup_timeout, interval=max(ctx.settings.poll_interval, 0.2),
-                      what=f"{name} to replay up to the final LSN {final}")
+    return hold.hold(ctx.pg(name), ctx.data["final_lsn"], restore_command=restore_command(ctx.outputs.source.archive),
+                     stop_timeout=ctx.settings.promote_timeout, start_timeout=ctx.settings.restore_timeout,
+                     reach_timeout=ctx.settings.catchup_timeout, interval=ctx.settings.poll_interval,
+                     what=f"{name} (the final LSN)")
 
 
 def release(ctx: Context, name: str) -> None:
@@ -66,11 +51,8 @@ def release(ctx: Context, name: str) -> None:
     replayed; the witness then asks the new leader for WAL past the fork point and repoint rebuilds
     it (provably cannot follow). Removing that segment is not enough: the witness must reach its
     minimum recovery point before it accepts a session, and only the new leader can give it back."""
-    pg = ctx.pg(name)
-    pg.psql("ALTER SYSTEM RESET recovery_target_lsn;\nALTER SYSTEM RESET recovery_target_inclusive;\n"
-            "ALTER SYSTEM RESET recovery_target_action;\nALTER SYSTEM SET restore_command = '';")
-    pg.stop(mode="fast", timeout=ctx.settings.promote_timeout)
-    pg.start(timeout=ctx.settings.restore_timeout)
+    hold.release(ctx.pg(name), stop_timeout=ctx.settings.promote_timeout,
+                 start_timeout=ctx.settings.restore_timeout, restore_command="")
 
 
 def segment_name(timeline: int, lsn: int, segment_size: int) -> str:
@@ -82,16 +64,6 @@ def segment_name(timeline: int, lsn: int, segment_size: int) -> str:
     per = 0x100000000 // segment_size
     seg = lsn // segment_size
     return f"{timeline:08X}{seg // per:08X}{seg % per:08X}"
-
-
-def witness_url(ctx: Context, name: str) -> str:
-    """The witness carries the source's fence (and, when the source wrote after the flush, its seal):
-    read it as its superuser over the local socket where tern can, else with the app's role."""
-    r = ctx.replica(name)
-    if r.commands.kind == "local":
-        pg = ctx.pg(name)
-        return f"postgresql://{pg._user()}@/{r.database}?host={pg.socket_dir}&port={pg.port}"
-    return ctx.replica_url(name)
 
 
 def verify_full(ctx: Context) -> dict[str, Any]:
@@ -112,7 +84,7 @@ def verify_full(ctx: Context) -> dict[str, Any]:
     t0 = time.monotonic()
     lsn = hold_at_final(ctx, name)
     try:
-        result = run_verify(ctx.source_url(), witness_url(ctx, name), mode="full", sequences="at_least",
+        result = run_verify(ctx.source_url(), hold.read_url(ctx, name), mode="full", sequences="at_least",
                             timeout=ctx.settings.connect_timeout, jobs=max(1, len(sessions) - 1),
                             source_connections=sessions, skip_unlogged=True)
     finally:

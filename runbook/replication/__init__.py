@@ -4,6 +4,8 @@
 * :mod:`.risks` - the preflight risk register (severity, what tern does about each finding);
 * :mod:`.schema` - the schema copied to Aurora as its master role (no superuser there);
 * :mod:`.native` - native logical replication (publication on EC2, subscription on Aurora);
+* :mod:`.headroom` - does Aurora's apply keep up with the leader's writes (failover-aurora's preflight,
+  ``invoke status``);
 * :mod:`.setup` - ``invoke replicate-aurora``: the journaled steps that set it all up.
 
 An engine reports the same things whatever it is: per-table sync state, lag in bytes from the

@@ -79,6 +79,10 @@ def subscribe(api, master: psycopg.Connection, database: str, info: str) -> str:
     return f"subscription {SUBSCRIPTION} created: initial copy of every table, then changes as they commit"
 
 
+# pg_subscription_rel.srsubstate
+STATES = {"i": "initialize", "d": "copying", "f": "finished copy", "s": "synchronized", "r": "ready"}
+
+
 def table_states(master: psycopg.Connection) -> dict[str, str]:
     """Per table: i (initialize), d (copying), f/s (finishing), r (ready: streaming changes)."""
     rows = master.execute(
@@ -89,16 +93,54 @@ def table_states(master: psycopg.Connection) -> dict[str, str]:
 
 
 def lag(leader: PgHost) -> dict[str, Any]:
-    """Bytes between the leader's *current* LSN and what Aurora confirmed (the slot), never from sent_lsn."""
-    rows = leader.query("SELECT pg_current_wal_insert_lsn()::text AS now, confirmed_flush_lsn::text AS confirmed, "
-                        "active, wal_status FROM pg_replication_slots "
-                        f"WHERE slot_name = {literal(SUBSCRIPTION)}")
-    if not rows:
-        return {"slot": False, "lag_bytes": None, "active": False, "wal_status": None, "leader_lsn": None}
+    """One look at the leader: its *current* LSN (``pg_current_wal_lsn()``, what it wrote, never ``sent_lsn``)
+    against what Aurora confirmed (the slot's ``confirmed_flush_lsn``: applied and flushed there), on the
+    leader's clock (``at``, epoch seconds). Also what Aurora's apply worker reported applied
+    (``applied_lsn``, not yet flushed there), PostgreSQL's ``replay_lag`` for it (seconds), and what the
+    slot may still hold before it is lost (``safe_wal_size``)."""
+    rows = leader.query(
+        "SELECT extract(epoch FROM clock_timestamp())::float8 AS at, pg_current_wal_lsn()::text AS now, "
+        "s.slot_name IS NOT NULL AS slot, s.confirmed_flush_lsn::text AS confirmed, coalesce(s.active, false) AS active, "
+        "s.wal_status, s.safe_wal_size, r.replay_lsn::text AS applied, "
+        "extract(epoch FROM r.replay_lag)::float8 AS replay_lag "
+        f"FROM (SELECT 1) one LEFT JOIN pg_replication_slots s ON s.slot_name = {literal(SUBSCRIPTION)} "
+        "LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid")
     r = rows[0]
-    behind = None if r["confirmed"] is None else lsn_to_int(r["now"]) - lsn_to_int(r["confirmed"])
-    return {"slot": True, "lag_bytes": behind, "active": r["active"], "wal_status": r["wal_status"],
-            "leader_lsn": r["now"], "confirmed_lsn": r["confirmed"]}
+    behind = None if r["confirmed"] is None else max(0, lsn_to_int(r["now"]) - lsn_to_int(r["confirmed"]))
+    return {"slot": bool(r["slot"]), "lag_bytes": behind, "active": bool(r["active"]), "wal_status": r["wal_status"],
+            "leader_lsn": r["now"], "confirmed_lsn": r["confirmed"], "applied_lsn": r["applied"],
+            "replay_lag": r["replay_lag"], "safe_wal_size": r["safe_wal_size"], "at": r["at"]}
+
+
+def sample(leader: PgHost, seconds: float, sleep=None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two looks (:func:`lag`) ``seconds`` apart, for the apply headroom (:mod:`.headroom`)."""
+    import time
+
+    first = lag(leader)
+    (sleep or time.sleep)(seconds)
+    return first, lag(leader)
+
+
+def subscription_enabled(master: psycopg.Connection, name: str = SUBSCRIPTION) -> bool | None:
+    """Whether the subscription is enabled (None: there is none)."""
+    row = master.execute("SELECT subenabled FROM pg_subscription WHERE subname = %s", (name,)).fetchone()
+    return None if row is None else bool(row[0])
+
+
+def apply_worker_running(master: psycopg.Connection, name: str = SUBSCRIPTION) -> bool:
+    """The subscription's apply worker runs (table-sync workers, relid not null, aside)."""
+    return bool(master.execute("SELECT 1 FROM pg_stat_subscription WHERE subname = %s AND relid IS NULL "
+                               "AND pid IS NOT NULL", (name,)).fetchone())
+
+
+def applied_commit_lsn(api, database: str, name: str = SUBSCRIPTION) -> str | None:
+    """The end LSN, on the leader, of the last transaction Aurora applied and committed: the
+    subscription's replication origin's ``remote_lsn`` (``pg_replication_origin_status`` is revoked
+    from public: read through the Aurora adapter's catalog query)."""
+    rows = api.query("SELECT o.remote_lsn::text AS lsn FROM pg_replication_origin_status o "
+                     "JOIN pg_subscription s ON o.external_id = 'pg_' || s.oid::text "
+                     f"WHERE s.subname = {literal(name)}", database)
+    return rows[0]["lsn"] if rows else None
 
 
 def master_connection(url: str, timeout: float):

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from ..adapters import app_for
 from ..adapters.aurora import aurora_api_for
 from ..contract import Outputs
-from ..errors import ConfigError, PreflightError, StepError
+from ..errors import ConfigError, PreflightError, RunbookError, StepError
 from ..failover.context import Context
 from ..journal import Journal, RunLock
 from ..polling import wait_until
@@ -233,18 +233,78 @@ def replicate_aurora(outputs: Outputs, settings: Settings, *, engine: str = "nat
             "steps": [{"name": s.name, "outcome": s.outcome, "detail": s.detail} for s in journal.steps()]}
 
 
-def replication_status(outputs: Outputs, settings: Settings) -> dict[str, Any]:
-    """For ``status``: per-table state, lag in bytes from the leader's current LSN."""
-    app = app_for(outputs.app)
-    r = leader(app, outputs)
+# ``invoke status``'s ``replication`` keys (documented in runbook/status.py and the README)
+STATUS_KEYS = ("state", "engine", "leader", "subscription", "enabled", "tables", "tables_ready", "tables_total",
+               "leader_lsn", "confirmed_lsn", "applied_lsn", "lag_bytes", "lag_seconds", "slot_active", "wal_status",
+               "safe_wal_size", "sample_seconds", "write_bytes_per_second", "apply_bytes_per_second", "headroom",
+               "caught_up", "note", "error")
+
+
+def replication_status(outputs: Outputs, *, timeout: float, sample_seconds: float,
+                       sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+    """For ``invoke status``: replication into Aurora as it is now. Never raises: what it cannot see, it says.
+
+    Per-table sync state (``pg_subscription_rel.srsubstate`` on Aurora); lag from the leader's *current*
+    LSN to what Aurora confirmed (the slot's ``confirmed_flush_lsn``), in bytes and in seconds
+    (:func:`.headroom.lag_seconds`); the leader's write rate and Aurora's apply rate over a sample of
+    ``sample_seconds`` (taken only while the subscription is enabled), and their ratio."""
+    from ..redact import redact
     from ..status import replica_host
+    from . import SUBSCRIPTION
+    from . import headroom as headroom_mod
 
-    pg = replica_host(r)
-    out: dict[str, Any] = {"leader": r.name, **native.lag(pg)}
+    out: dict[str, Any] = dict.fromkeys(STATUS_KEYS)
+    out.update(state="not set up", engine="native", subscription=SUBSCRIPTION, tables={})
     try:
-        with native.master_connection(aurora_master_url(outputs), settings.connect_timeout) as master:
+        r = leader(app_for(outputs.app), outputs)
+    except RunbookError as exc:
+        out["note"] = f"no EC2 leader to replicate from yet: {redact(exc)}"
+        return out
+    out["leader"] = r.name
+    try:
+        with native.master_connection(aurora_master_url(outputs), timeout) as master:
+            enabled = native.subscription_enabled(master)
+            if enabled is None:
+                out["note"] = "no subscription on Aurora: run `invoke replicate-aurora`"
+                return out
             out["tables"] = native.table_states(master)
-    except Exception as exc:  # noqa: BLE001 - status reports, it never fails
-        out["tables"], out["error"] = {}, str(exc)
+    except RunbookError as exc:
+        out.update(state="unreachable", error=f"aurora: {redact(exc)}")
+        return out
+    states = out["tables"]
+    out.update(enabled=enabled, tables_total=len(states), tables_ready=sum(1 for v in states.values() if v == "r"))
+    try:
+        pg = replica_host(r)
+        first, last = native.sample(pg, sample_seconds, sleep) if enabled else (None, native.lag(pg))
+    except RunbookError as exc:
+        out.update(state="unreachable", error=f"{r.name}: {redact(exc)}")
+        return out
+    out.update(leader_lsn=last["leader_lsn"], confirmed_lsn=last["confirmed_lsn"], applied_lsn=last["applied_lsn"],
+               lag_bytes=last["lag_bytes"], slot_active=last["active"], wal_status=last["wal_status"],
+               safe_wal_size=last["safe_wal_size"])
+    if first is not None and last["slot"]:
+        a, b = headroom_mod.Look.of(first), headroom_mod.Look.of(last)
+        measured = headroom_mod.measure(a, b)
+        figures = measured.to_json()
+        out.update(sample_seconds=figures["sample_seconds"], write_bytes_per_second=figures["write_bytes_per_second"],
+                   apply_bytes_per_second=figures["apply_bytes_per_second"], headroom=figures["headroom"],
+                   caught_up=figures["caught_up"], lag_seconds=headroom_mod.lag_seconds(a, b, last["replay_lag"]))
+    elif last["lag_bytes"] == 0:
+        out["lag_seconds"] = 0.0
+    if not last["slot"]:
+        out["state"] = "slot missing"
+        out["note"] = f"the replication slot {SUBSCRIPTION} is gone from {r.name}: set up replication again"
+    elif last["wal_status"] == "lost":
+        out["state"] = "slot lost"
+        out["note"] = f"the slot {SUBSCRIPTION} on {r.name} lost WAL Aurora needs: set up replication again"
+    elif not enabled:
+        out["state"] = "disabled"
+        out["note"] = "the subscription on Aurora is disabled (failover-aurora disables it at its switch-over)"
+    elif out["tables_ready"] < out["tables_total"] or not states:
+        out["state"] = "initial copy"
+    elif not last["active"]:
+        out["state"] = "not streaming"
+        out["note"] = f"no apply worker uses the slot {SUBSCRIPTION}: see Aurora's log"
+    else:
+        out["state"] = "streaming"
     return out
-

@@ -22,7 +22,7 @@ from invoke import Exit
 from rich.console import Console
 
 from ..contract import Outputs, load
-from ..errors import ConfigError, RunbookError, StepError, VerificationError
+from ..errors import ConfigError, Refused, RunbookError, StepError, VerificationError
 from ..redact import RedactingFilter, redact, redact_data
 from ..settings import Settings
 
@@ -230,7 +230,10 @@ def one_line(message: object) -> str:
 
 
 def exit_code(exc: RunbookError) -> int:
-    """1 for a difference or a failover that fell back (or stopped); 2 for everything else."""
+    """1 for a difference or a failover that fell back (or stopped); 2 for everything else, a run
+    refused by its preflight (nothing changed) included."""
+    if isinstance(exc, Refused):
+        return 2
     return 1 if isinstance(exc, (StepError, VerificationError)) else 2
 
 

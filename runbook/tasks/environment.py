@@ -19,9 +19,11 @@ def show_outputs(c, stack=None):
 @task(help={"stack": "local (default), a .json outputs file, or a Pulumi stack", "json": "machine-readable output"})
 @task_errors
 def status(c, stack=None, json=False):
-    """Every node's role, timeline, LSN and lag; the app's formation and maintenance; the ledger."""
+    """Every node's role, timeline, LSN and lag; the app's formation and maintenance; the ledger; replication
+    into Aurora (per-table state, lag from the EC2 leader's current LSN, apply rate against write rate)."""
     o = outputs(c, parse_name("stack", stack))
-    data = status_mod.gather(o, timeout=settings(c).connect_timeout)
+    s = settings(c)
+    data = status_mod.gather(o, timeout=s.connect_timeout, sample_seconds=s.apply_sample_seconds)
     if json:
         print_json(data)
         return
@@ -45,6 +47,39 @@ def render(data, out=out) -> None:
               f"formation {a['formation']}, running {a['running']}")
     if data["ledger"] is not None:
         out.print(f"ledger: {data['ledger']['acknowledged']} acknowledged writes, {data['ledger']['in_doubt']} in doubt")
+    render_replication(data.get("replication"), out)
     for n in data["nodes"]:
         if n.get("error"):
             out.print(f"{n['name']}: {n['error']}", style="red", markup=False)
+
+
+def render_replication(rep, out=out) -> None:
+    if not rep:
+        return
+    head = f"replication into Aurora ({rep['engine']}"
+    head += f", from {rep['leader']}): " if rep.get("leader") else "): "
+    out.print(head + rep["state"] + (f" - {rep['note']}" if rep.get("note") else ""), markup=False)
+    if rep.get("error"):
+        out.print(f"replication: {rep['error']}", style="red", markup=False)
+    tables = rep.get("tables") or {}
+    if tables:
+        table = Table(title=f"Aurora tables: {rep['tables_ready']} of {rep['tables_total']} ready")
+        table.add_column("table")
+        table.add_column("state")
+        from ..replication.native import STATES
+
+        shown = sorted(tables.items(), key=lambda kv: (kv[1] == "r", kv[0]))
+        for name, state in shown[:40]:
+            table.add_row(name, f"{state} ({STATES.get(state, '?')})")
+        out.print(table)
+        if len(shown) > 40:
+            out.print(f"... and {len(shown) - 40} more tables ready", markup=False)
+    if rep.get("lag_bytes") is not None:
+        secs = "?" if rep.get("lag_seconds") is None else f"{rep['lag_seconds']:.2f} s"
+        out.print(f"lag behind {rep['leader']}'s current LSN {rep['leader_lsn']}: {rep['lag_bytes']:,} bytes, {secs} "
+                  f"(Aurora confirmed {rep['confirmed_lsn']})", markup=False)
+    if rep.get("sample_seconds") is not None:
+        ratio = "n/a (nothing written)" if rep.get("headroom") is None else f"{rep['headroom']:.2f}x"
+        out.print(f"over {rep['sample_seconds']:.1f} s: the leader wrote {rep['write_bytes_per_second']:,.0f} B/s, "
+                  f"Aurora applied {rep['apply_bytes_per_second']:,.0f} B/s (headroom {ratio}"
+                  f"{', caught up' if rep.get('caught_up') else ''})", markup=False)

@@ -11,7 +11,7 @@ from rich.text import Text
 
 from .. import report as report_mod
 from ..contract import Outputs
-from ..errors import ConfigError, PreflightError, StepError
+from ..errors import ConfigError, PreflightError, Refused, StepError
 from ..failover import ec2
 from ..failover.run import failover_ec2 as run_failover_ec2
 from ..journal import Journal
@@ -118,7 +118,7 @@ def run_reported(title: str, show, json: bool, run):
             return run(update)
         except StepError as exc:
             report = exc.context.get("report")
-            if report:
+            if report and not isinstance(exc, Refused):   # refused: nothing happened, one line says why
                 render_report(report, show)
                 if json:
                     print_json(report)
@@ -199,6 +199,15 @@ def render_report(r, out=out) -> None:
         v = r["verification"]
         out.print(f"verification: {'equal' if v['ok'] else 'DIFFERENT'} ({v['tables']} tables, {v['rows']:,} rows, "
                   f"{v['sampled_rows']:,} sampled)")
+    full = r.get("verification_full")
+    if full:
+        if full.get("ok") is None:
+            out.print(f"full verification: {full.get('note')}", markup=False)
+        else:
+            where = f" against {full.get('standby') or full.get('witness')}" if (full.get("standby") or
+                                                                                   full.get("witness")) else ""
+            out.print(f"full verification{where}: {'equal' if full['ok'] else 'DIFFERENT'} ({full['tables']} tables, "
+                      f"{full['rows']:,} rows, {full.get('seconds', 0):.1f} s)", markup=False)
     for name, why in (r.get("repoint_failures") or {}).items():
         out.print(f"warning: {name}: {why}", style="yellow", markup=False)
 

@@ -1,4 +1,4 @@
-"""Hop 2's tasks: ``invoke replicate-aurora`` and ``invoke failover-aurora``."""
+"""Hop 2's tasks: ``invoke replicate-aurora``, ``invoke failover-aurora`` and ``invoke rollback-aurora``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from rich.text import Text
 
 from ..errors import ConfigError, PreflightError, StepError
 from ..failover.run import failover_aurora as run_failover_aurora
+from ..failover.run import rollback_aurora as run_rollback_aurora
 from ..replication import ENGINES
 from ..replication.setup import replicate_aurora as run_replicate
 from .common import (human, outputs, parse_choice, parse_name, print_json, progress_status, settings,
@@ -58,22 +59,38 @@ def replicate_aurora(c, engine=None, dry_run=False, replica_identity_full=False,
         raise Exit(f"tern: error: {result['refused']}", code=2)
 
 
-@task(name="failover-aurora",
-      help={"dry_run": "print the plan against the current state and change nothing",
-            "yes": "confirm the point of no return without asking", "stack": STACK_HELP,
-            "json": "the report (or, with --dry-run, the plan) as JSON on stdout"})
+SWITCH_HELP = {"dry_run": "print the plan against the current state and change nothing",
+               "yes": "confirm the point of no return without asking", "stack": STACK_HELP,
+               "json": "the report (or, with --dry-run, the plan) as JSON on stdout"}
+
+
+@task(name="failover-aurora", help=SWITCH_HELP)
 @task_errors
 def failover_aurora(c, dry_run=False, yes=False, stack=None, json=False):
     """Failover 2: EC2 -> Aurora. Freeze, fence, sentinel, sequences, verify, switch over (reverse
     replication started first), switch, start, smoke test. Falls back before the point of no return."""
+    run_switch(c, "failover-aurora", run_failover_aurora, dry_run=dry_run, yes=yes, stack=stack, json=json)
+
+
+@task(name="rollback-aurora", help=SWITCH_HELP)
+@task_errors
+def rollback_aurora(c, dry_run=False, yes=False, stack=None, json=False):
+    """After failover-aurora: the app back to the EC2 leader through the reverse replication. Fence
+    Aurora for the app, sentinel, sequences, verify, switch back (replication into Aurora resumed),
+    switch, start, smoke test. Falls back to Aurora before the point of no return."""
+    run_switch(c, "rollback-aurora", run_rollback_aurora, dry_run=dry_run, yes=yes, stack=stack, json=json)
+
+
+def run_switch(c, title: str, entry, *, dry_run: bool, yes: bool, stack, json: bool) -> None:
+    """A hop-2 switch (``entry``: failover or rollback) under progress, then its report or plan; exit 1
+    when an acknowledged write is missing."""
     stack = parse_name("stack", stack)
     o = outputs(c, stack)
     s = stack_settings(settings(c), stack)
     show = human(json)
-    result = run_reported("failover-aurora", show, json,
-                          lambda update: run_failover_aurora(o, s, dry_run=dry_run,
-                                                             confirm=make_confirm(yes, s.confirm_timeout),
-                                                             progress=update))
+    result = run_reported(title, show, json,
+                          lambda update: entry(o, s, dry_run=dry_run, confirm=make_confirm(yes, s.confirm_timeout),
+                                               progress=update))
     if dry_run:
         if json:
             print_json(result)
