@@ -34,6 +34,10 @@ from runbook.sandbox import Sandbox  # noqa: E402
 from runbook.settings import Settings  # noqa: E402
 
 
+# the steps between the app's last write on the source and its first on the new leader
+WINDOW_STEPS = ("maintenance_on", "fence", "detach_others", "flush", "verify", "promote", "switch", "start_app")
+
+
 def database_size(sb: Sandbox) -> int:
     return int(sb.node("source").query_one("SELECT pg_database_size('app') AS s")["s"])
 
@@ -108,7 +112,9 @@ def one_run(mode: str, rate: float, warmup: float, scale: int = 1, cache: Path |
                 "acknowledged": final["acknowledged"], "catchup": report.get("catchup_seconds") or 0,
                 "elapsed": elapsed,
                 "gate": next((st["seconds"] for st in report.get("steps", []) if st["name"] == "verify"), None) or 0,
-                "full": full.get("seconds")}
+                "full": full.get("seconds"),
+                "steps": {st["name"]: st["seconds"] for st in report.get("steps", []) if st.get("seconds") is not None
+                          and st["name"] in WINDOW_STEPS}}
     finally:
         sb.down(check_ledger=False)
         shutil.rmtree(root, ignore_errors=True)
@@ -136,6 +142,7 @@ def main() -> int:
                   f"run {i + 1} {r['outcome']}: window {r['window'] if r['window'] is None else round(r['window'], 2)} s, catch-up {r['catchup']:.2f} s, in-window gate "
                   f"{r['gate']:.2f} s, full verification after the switch {r['full'] or 0:.1f} s, "
                   f"lost {r['lost']} of {r['acknowledged']} acknowledged", flush=True)
+            print("    in the window: " + ", ".join(f"{k} {v:.2f}" for k, v in r["steps"].items()), flush=True)
     print()
     print(f"{'flush':16s} {'scale':>5s} {'GiB':>6s} {'runs':>4s} {'median s':>9s} {'max s':>7s} {'lost':>5s}")
     medians: dict[tuple[str, int], float] = {}
