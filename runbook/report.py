@@ -26,6 +26,7 @@ from typing import Any
 from .adapters import app_for
 from .contract import Outputs
 from .errors import ConfigError, RunbookError
+from .failover.state import RunState
 from .journal import Journal
 from .pg import connect, url_endpoint
 
@@ -68,10 +69,8 @@ def with_saved_figures(journal: Journal, report: dict[str, Any]) -> dict[str, An
 
 
 def _build(journal: Journal, outputs: Outputs | None) -> dict[str, Any]:
-    ctx = journal.context()
+    state = RunState.from_journal(journal)
     fallback = next((e for e in journal.events if e["step"] == "run" and e["event"] == "fallback_started"), None)
-    if fallback is not None:
-        ctx["fallback_at"] = fallback["ts"]
     outcome = journal.outcome()
     steps = [{"name": s.name, "started_at": s.started_at, "ended_at": s.ended_at,
               "seconds": None if s.started_at is None or s.ended_at is None else round(s.ended_at - s.started_at, 3),
@@ -80,43 +79,43 @@ def _build(journal: Journal, outputs: Outputs | None) -> dict[str, Any]:
         "run_id": journal.run_id, "kind": journal.kind,
         "outcome": outcome[0] if outcome else ("failed" if any(s["outcome"] == "failed" for s in steps) else "in_progress"),
         "reason": outcome[1] if outcome else "",
-        "candidate": ctx.get("candidate"), "new_leader": ctx.get("new_leader"),
+        "candidate": state.candidate, "new_leader": state.new_leader,
         "steps": steps,
-        "downtime": {"maintenance_at": ctx.get("maintenance_at"), "switched_at": ctx.get("switched_at"),
-                     "app_started_at": ctx.get("started_at")},
-        "catchup_seconds": ctx.get("catchup_seconds"),
-        "verification": ctx.get("verification"),
-        "verification_full": ctx.get("verification_full"),
-        "repoint_failures": ctx.get("repoint_failures") or {},
+        "downtime": {"maintenance_at": state.maintenance_at, "switched_at": state.switched_at,
+                     "app_started_at": state.started_at},
+        "catchup_seconds": state.catchup_seconds,
+        "verification": state.verification,
+        "verification_full": state.verification_full,
+        "repoint_failures": state.repoint_failures or {},
         "write_unavailability": None, "acknowledged_writes": None, "missing_on_target": None, "missing_keys": {},
     }
     if outputs is not None and outputs.app.kind == "local":
         try:
-            report.update(ledger_figures(outputs, ctx))
+            report.update(ledger_figures(outputs, state, fallback_at=fallback["ts"] if fallback else None))
         except RunbookError as exc:
             report["ledger_error"] = str(exc)
     return report
 
 
-def ledger_figures(outputs: Outputs, ctx: dict[str, Any]) -> dict[str, Any]:
+def ledger_figures(outputs: Outputs, state: RunState, fallback_at: float | None = None) -> dict[str, Any]:
     """From the sandbox app's ledger: the window without acknowledged writes, and writes lost on the target."""
     from .workload import ledger
 
     entries = [e for e in ledger.read(outputs.app.state_dir)]
     acks = [e for e in entries if e.ev == "ack"]
-    source = ctx.get("source_endpoint")
+    source = state.source_endpoint
     leader = None
-    if ctx.get("new_leader") and ctx.get("target_endpoint"):
-        leader = ctx["target_endpoint"]          # hop 2: Aurora
-    elif ctx.get("new_leader"):
-        r = outputs.replica(ctx["new_leader"])
+    if state.new_leader and state.target_endpoint:
+        leader = state.target_endpoint            # hop 2: Aurora (the rollback: the EC2 leader)
+    elif state.new_leader:
+        r = outputs.replica(state.new_leader)
         leader = f"{r.host}:{r.port}"
     figures: dict[str, Any] = {"acknowledged_writes": len(acks)}
-    t_maint = ctx.get("maintenance_at") or ctx.get("fenced_at")
+    t_maint = state.maintenance_at or state.fenced_at
     if source and t_maint:
         # the source stopped taking writes at the fence (or, when the run fell back before it, at the
         # latest when the fallback began): the last write acknowledged there came before that moment
-        cut = ctx.get("fenced_at") or ctx.get("fallback_at") or t_maint
+        cut = state.fenced_at or fallback_at or t_maint
         before = [e.ts for e in acks if e.endpoint == source and e.ts <= cut]
         last_src = max(before) if before else None
         after_target = leader or source   # fell back: the first write back on the source

@@ -11,10 +11,12 @@ Aurora, the logical lag behind the EC2 leader's current LSN, as in ``replication
 of the app's role, or they are read-only) and ``current_app_target`` (the app's DATABASE_URL points at it).
 ``app``: ``maintenance``, ``formation``, ``running``, ``database_endpoint``.
 ``ledger``: ``acknowledged``, ``in_doubt`` (sandbox only; null elsewhere).
-``replication`` (hop 2, EC2 leader -> Aurora; :func:`runbook.replication.setup.replication_status`):
+``replication`` (hop 2, EC2 leader -> Aurora, through the engine replicate-aurora recorded;
+:func:`runbook.replication.setup.replication_status`):
 ``state`` (``not set up`` | ``initial copy`` | ``streaming`` | ``not streaming`` | ``disabled`` | ``slot missing`` |
-``slot lost`` | ``unreachable``), ``engine``, ``leader``, ``subscription``, ``enabled``, ``tables`` (table ->
-``pg_subscription_rel.srsubstate``: ``i`` initialize, ``d`` copying, ``f``/``s`` finishing, ``r`` ready),
+``slot lost`` | ``failed`` (DMS: the task failed) | ``unreachable``), ``engine`` (``native`` | ``dms``), ``leader``,
+``subscription``, ``enabled``, ``tables`` (table -> native: ``pg_subscription_rel.srsubstate``: ``i`` initialize,
+``d`` copying, ``f``/``s`` finishing, ``r`` ready; DMS: its ``TableState``, ``Table completed`` when loaded),
 ``tables_ready``, ``tables_total``, ``leader_lsn`` (the leader's ``pg_current_wal_lsn()``), ``confirmed_lsn``
 (the slot's ``confirmed_flush_lsn``: applied and flushed on Aurora), ``applied_lsn`` (what Aurora's apply
 worker reported applied), ``lag_bytes`` (``leader_lsn - confirmed_lsn``), ``lag_seconds`` (how long ago the
@@ -22,7 +24,12 @@ leader was at ``confirmed_lsn``: interpolated over the sample on the leader's cl
 ``replay_lag``), ``slot_active``, ``wal_status``, ``safe_wal_size``; over a sample of ``sample_seconds``
 (taken while the subscription is enabled): ``write_bytes_per_second`` (leader WAL),
 ``apply_bytes_per_second`` (confirmed), ``headroom`` (their ratio; null when nothing was written),
-``caught_up`` (at both ends of the sample); ``note`` (why not streaming), ``error``. Null what is unknown.
+``caught_up`` (at both ends of the sample); ``slot`` (the leader's slot replication uses: ``tern_aurora``, or
+DMS's own); DMS only (else null): ``task`` (``status``, ``stop_reason``, ``full_load_percent``, ``tables_loaded``,
+``tables_loading``, ``tables_queued``, ``tables_errored``, ``failure``), ``validation`` (``summary``: tables
+``validated``, ``failed_records``, ``suspended_records``, ``pending_records``; ``tables``: per table ``state``,
+``failed``, ``suspended``, ``pending``), ``cdc_latency`` (CloudWatch ``CDCLatencySource`` / ``CDCLatencyTarget``,
+seconds; ``lag_seconds`` is the target's); ``note`` (why not streaming), ``error``. Null what is unknown.
 """
 
 from __future__ import annotations
@@ -154,7 +161,8 @@ def aurora_status(outputs: Outputs, timeout: float) -> dict[str, Any]:
     return entry
 
 
-def gather(outputs: Outputs, *, timeout: float = 5.0, sample_seconds: float = 2.0) -> dict[str, Any]:
+def gather(outputs: Outputs, *, timeout: float = 5.0, sample_seconds: float = 2.0, state_dir=None) -> dict[str, Any]:
+    """``state_dir``: the stack's runs, where replicate-aurora recorded its engine (native when unknown)."""
     from .replication.setup import replication_status
 
     app = app_for(outputs.app)
@@ -162,7 +170,7 @@ def gather(outputs: Outputs, *, timeout: float = 5.0, sample_seconds: float = 2.
     source_lsn = lsn_to_int(src.get("lsn"))
     nodes = [src] + [replica_status(r, source_lsn) for r in outputs.replicas]
     aurora = aurora_status(outputs, timeout)
-    replication = replication_status(outputs, timeout=timeout, sample_seconds=sample_seconds)
+    replication = replication_status(outputs, timeout=timeout, sample_seconds=sample_seconds, state_dir=state_dir)
     if replication["state"] not in ("not set up", "unreachable"):
         # Aurora's lag is the logical one, from the EC2 leader's current LSN
         leader = outputs.replica(replication["leader"])

@@ -18,6 +18,11 @@ On resume, each step done before the point of no return is re-checked (its
 ``recheck``: the fence still holds, the final LSN is still replayed); if one no
 longer holds, the run falls back. A journal that cannot be written (disk full)
 never lets a step act: the run falls back, and says so.
+
+Only the runner writes the journal. What an act returns is recorded with its ``done``;
+a value a crash must not lose before then (the final LSN, a seal's transaction id) the
+step saves with ``ctx.checkpoint(**fields)``: the runner records it as a ``progress``
+event of the step running now and applies it to the run's state (``ctx.data``).
 """
 
 from __future__ import annotations
@@ -60,6 +65,19 @@ class Runner:
     falls_back: bool = True        # False for set-up runs: a failure stops; running again resumes
     hooks: dict[str, Callable[[Any], None]] = field(default_factory=dict)
     progress: Callable[[str], None] = lambda msg: log.info(msg)
+    sleep: Callable[[float], None] = time.sleep      # between a revert's attempts (injectable: tests cost nothing)
+    clock: Callable[[], float] = time.monotonic
+    revert_interval: float = 0.5
+    current: str | None = field(default=None, init=False)   # the step whose code runs now (act, revert, recheck)
+
+    def checkpoint(self, ctx: Any, **fields: Any) -> None:
+        """Journal ``fields`` now, as progress of the step running, and apply them to ``ctx.data``:
+        values a crash must not lose before the step is done. A journal that cannot be written
+        raises StepError (the step fails; before the point of no return, the run falls back)."""
+        if self.current is None:
+            raise RuntimeError("checkpoint() outside a step")
+        self._record(self.current, "progress", context=fields)
+        ctx.data.update(fields)
 
     def past_point_of_no_return(self) -> bool:
         """A point-of-no-return step done, or started and not refused (NotPromoted) - then it may have acted."""
@@ -103,6 +121,7 @@ class Runner:
 
     def run(self, ctx: Any) -> str:
         self.journal_error: str | None = None
+        ctx.runner = self   # ctx.checkpoint() goes through the runner
         if any(e["step"] == "run" and e["event"] == "fallback_started" for e in self.journal.events):
             reason = next(e.get("reason", "") for e in self.journal.events if e["event"] == "fallback_started")
             self.progress("resuming an interrupted fallback")
@@ -113,6 +132,7 @@ class Runner:
         for step in self.steps:
             if self.journal.is_done(step.name):
                 continue
+            self.current = step.name
             self._hook("before", step, ctx)
             crossed = True
             try:
@@ -155,6 +175,7 @@ class Runner:
                     self._fall_back(ctx, f"{step.name}: {exc}", failed=step)
                 raise
             self._after(step, ctx)
+        self.current = None
         self.journal.finish("completed")
         return "completed"
 
@@ -163,6 +184,7 @@ class Runner:
         for step in self.steps:
             if step.recheck is None or not self.journal.is_done(step.name):
                 continue
+            self.current = step.name
             try:
                 step.recheck(ctx)
             except Exception as exc:  # noqa: BLE001
@@ -198,7 +220,8 @@ class Runner:
         for step in reversed(todo):
             if step.name in reverted:
                 continue
-            deadline = time.monotonic() + self.fallback_timeout
+            self.current = step.name
+            deadline = self.clock() + self.fallback_timeout
             while True:
                 try:
                     step.revert(ctx)
@@ -208,7 +231,7 @@ class Runner:
                         pass
                     break
                 except Exception as exc:  # noqa: BLE001
-                    if time.monotonic() > deadline:
+                    if self.clock() > deadline:
                         still.append(f"{step.name} NOT reverted ({redact(exc)})"
                                      + (f": {step.revert_hint}" if step.revert_hint else ""))
                         try:
@@ -217,7 +240,8 @@ class Runner:
                             pass
                         self.progress(f"revert of {step.name} failed: {redact(exc)}")
                         break
-                    time.sleep(0.5)
+                    self.sleep(self.revert_interval)
+        self.current = None
         outcome = "fallback_failed" if still else "fell_back"
         full = reason + (f"; still in place: {'; '.join(still)}" if still else "")
         if self.journal_error:

@@ -12,9 +12,14 @@ Follows the DMS API reference:
   at once with DMS's reason instead of waiting out a timeout.
 * **Validation** is read per table from ``DescribeTableStatistics`` (``ValidationState``,
   ``ValidationFailedRecords``, ``ValidationSuspendedRecords``, ``TableState``).
-* **Following the leader**: the source endpoint takes host and port from the replication
-  secret (see ``infra/dms.py``); :meth:`DmsTask.follow_leader` rewrites them and proves the
-  new source with ``TestConnection``.
+* **Following the leader**: :meth:`DmsTask.follow_leader` reads the source endpoint
+  (``DescribeEndpoints``): one that authenticates through Secrets Manager takes host and port
+  from that secret (see ``infra/dms.py``), which is rewritten; any other is changed with
+  ``ModifyEndpoint`` (``ServerName``, ``Port``). Either way ``TestConnection`` proves the new
+  source before the task runs again.
+* **Full load, then CDC**: :meth:`DmsTask.wait_full_load` waits for ``running`` with
+  ``FullLoadProgressPercent`` 100 and no table loading, queued or errored; a task that stops
+  instead (``STOPPED_AFTER_FULL_LOAD``, a fatal reason) fails at once.
 * **Lag**: ``CDCLatencySource`` / ``CDCLatencyTarget`` from CloudWatch; no datapoint is
   ``None`` (unknown), never 0.
 
@@ -63,6 +68,15 @@ class TaskStatus:
     start_date: Any = None          # ReplicationTaskStartDate: None until the task first ran
     full_load_start: Any = None     # ReplicationTaskStats.FullLoadStartDate
     stop_date: Any = None           # ReplicationTaskStats.StopDate (of the last stop)
+    tables_loading: int | None = None
+    tables_queued: int | None = None
+    full_load_finish: Any = None    # ReplicationTaskStats.FullLoadFinishDate
+
+    @property
+    def full_load_done(self) -> bool:
+        """Running, the full load at 100 % with no table loading, queued or errored: CDC carries on."""
+        return (self.status == "running" and self.full_load_percent == 100 and not self.tables_loading
+                and not self.tables_queued and not self.tables_errored)
 
     @property
     def never_started(self) -> bool:
@@ -191,11 +205,11 @@ class DmsTask:
 
     # -- the task -------------------------------------------------------------------------------
 
-    def _describe(self) -> dict[str, Any]:
+    def _describe(self, *, with_settings: bool = False) -> dict[str, Any]:
         try:
             tasks = self.dms.describe_replication_tasks(
                 Filters=[{"Name": "replication-task-arn", "Values": [self.task_arn]}],
-                WithoutSettings=True)["ReplicationTasks"]
+                WithoutSettings=not with_settings)["ReplicationTasks"]
         except ClientError as exc:
             # DMS answers a filter that matches nothing with ResourceNotFoundFault (moto: an empty list)
             if exc.response.get("Error", {}).get("Code") != "ResourceNotFoundFault":
@@ -214,7 +228,24 @@ class DmsTask:
         return TaskStatus(t["Status"], stats.get("FullLoadProgressPercent"), stats.get("TablesLoaded"),
                           stats.get("TablesErrored"), t.get("StopReason"), t.get("LastFailureMessage"),
                           start_date=t.get("ReplicationTaskStartDate"), full_load_start=stats.get("FullLoadStartDate"),
-                          stop_date=stats.get("StopDate"))
+                          stop_date=stats.get("StopDate"), tables_loading=stats.get("TablesLoading"),
+                          tables_queued=stats.get("TablesQueued"), full_load_finish=stats.get("FullLoadFinishDate"))
+
+    def definition(self) -> dict[str, Any]:
+        """What the task is declared to do: ``migration_type``, ``settings`` (``ReplicationTaskSettings``,
+        parsed), ``mappings`` (``TableMappings``, parsed), ``source_endpoint_arn``, ``target_endpoint_arn``."""
+        t = self._describe(with_settings=True)
+
+        def parsed(key: str) -> dict[str, Any]:
+            try:
+                value = json.loads(t.get(key) or "{}")
+            except ValueError:
+                raise ConfigError(f"DMS task {self.task_arn}: its {key} is not JSON") from None
+            return value if isinstance(value, dict) else {}
+
+        return {"migration_type": t.get("MigrationType"), "settings": parsed("ReplicationTaskSettings"),
+                "mappings": parsed("TableMappings"), "source_endpoint_arn": t.get("SourceEndpointArn"),
+                "target_endpoint_arn": t.get("TargetEndpointArn")}
 
     def _settled(self, timeout: float) -> TaskStatus:
         """The task's status once it is not moving between states (bounded)."""
@@ -317,6 +348,38 @@ class DmsTask:
                           what=f"DMS task {self.task_arn} (wanted {sorted(wanted)})",
                           last=lambda: f"still {seen[0].status}" if seen else "never described")
 
+    def wait_full_load(self, *, timeout: float, progress: Callable[[str], None] | None = None) -> TaskStatus:
+        """Poll until the full load is complete and the task runs on with CDC (:attr:`TaskStatus.full_load_done`).
+
+        Fails fast, with DMS's reason, on ``failed`` / ``failed-move``, on a fatal stop (not the one the
+        last :meth:`start` resumed from), and on any other stop: a task stopped after its full load
+        (``STOPPED_AFTER_FULL_LOAD`` ...) does not replicate changes. Bounded by ``timeout``."""
+        seen: list[TaskStatus] = []
+
+        def probe() -> TaskStatus | None:
+            st = self.status()
+            seen[:] = [st]
+            if st.status in FAILED_STATUSES:
+                raise RunbookError(f"DMS task failed during its full load: {st.failure or st.status}")
+            stale = self._resumed_from is not None and st.stop_date == self._resumed_from
+            if st.status == "stopped" and not stale:
+                if st.fatal_stop:
+                    raise RunbookError(f"DMS task stopped on an error during its full load: {st.failure}")
+                raise RunbookError(f"DMS task stopped ({st.stop_reason or 'no reason given'}) instead of replicating "
+                                   "changes after its full load: it must be a full-load-and-cdc task that keeps running")
+            if st.tables_errored:
+                raise RunbookError(f"DMS task: {st.tables_errored} tables errored during the full load "
+                                   "(DescribeTableStatistics names them; see the task's CloudWatch log)")
+            if progress and st.status == "running":
+                progress(f"DMS full load {st.full_load_percent or 0}%: {st.tables_loaded or 0} tables loaded, "
+                         f"{st.tables_loading or 0} loading, {st.tables_queued or 0} queued")
+            return st if st.full_load_done else None
+
+        return wait_until(probe, timeout=timeout, interval=self.poll_interval, clock=self.clock, sleep=self.sleep,
+                          what=f"DMS task {self.task_arn} to finish its full load and replicate changes",
+                          last=lambda: (f"still {seen[0].status}, full load {seen[0].full_load_percent}%"
+                                        if seen else "never described"))
+
     # -- validation -----------------------------------------------------------------------------
 
     def table_statistics(self) -> list[dict[str, Any]]:
@@ -328,6 +391,12 @@ class DmsTask:
             if not page.get("Marker"):
                 return out
             kwargs["Marker"] = page["Marker"]
+
+    def table_states(self) -> dict[str, str]:
+        """Per table (schema.table): DMS's ``TableState`` (``Before load``, ``Full load``, ``Table completed``,
+        ``Table error`` ...)."""
+        return {f"{t['SchemaName']}.{t['TableName']}": t.get("TableState") or "unknown"
+                for t in self.table_statistics()}
 
     def validation_state(self) -> dict[str, str]:
         """Per table (schema.table): DMS's validation state; anything but Validated is not done."""
@@ -368,28 +437,30 @@ class DmsTask:
 
     # -- following the leader -------------------------------------------------------------------
 
-    def follow_leader(self, host: str, port: int, *, timeout: float = 300.0) -> dict[str, Any]:
-        """Point the source endpoint at the EC2 leader ``host:port``, and prove DMS reaches it.
+    def endpoint(self, endpoint_arn: str) -> dict[str, Any]:
+        """One endpoint as ``DescribeEndpoints`` shows it; a missing one is a clear :class:`ConfigError`."""
+        try:
+            found = self.dms.describe_endpoints(
+                Filters=[{"Name": "endpoint-arn", "Values": [endpoint_arn]}])["Endpoints"]
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "ResourceNotFoundFault":
+                raise _client_error(exc, f"describing DMS endpoint {endpoint_arn}") from None
+            found = []
+        except BotoCoreError as exc:
+            raise _client_error(exc, f"describing DMS endpoint {endpoint_arn}") from None
+        if not found:
+            raise ConfigError(f"DMS endpoint {endpoint_arn} not found (ResourceNotFoundFault): check the outputs' "
+                              "dms.source_endpoint_arn / dms.target_endpoint_arn and region")
+        return found[0]
 
-        The task must not run. The replication secret (``source_secret``) keeps its username,
-        password and every other key; only ``host`` and ``port`` change (not rewritten when
-        already equal). Then ``TestConnection`` from the replication instance to the source
-        endpoint, waited (bounded) until ``successful``; ``failed`` raises with DMS's
-        ``LastFailureMessage``. Returns ``{"host", "port", "changed", "connection"}``.
-        """
-        if not host or not isinstance(port, int) or not 1 <= port <= 65535:
-            raise ConfigError(f"follow_leader needs a host and a port in 1..65535, got {host!r}:{port!r}")
-        if not self.source_secret:
-            raise ConfigError("the DMS source secret is unknown (pass source_secret, or use DmsTask.from_outputs)")
-        task = self._describe()
-        if task["Status"] not in ("stopped", "ready", "failed"):
-            raise PreflightError(f"DMS task is {task['Status']}: stop it before repointing its source endpoint")
-        instance_arn = self.replication_instance_arn or task["ReplicationInstanceArn"]
-        endpoint_arn = self.source_endpoint_arn or task["SourceEndpointArn"]
-        arn = self.source_secret if self.source_secret.startswith("arn:") else secret_arn_of(self.source_secret)
+    @staticmethod
+    def _endpoint_secret(endpoint: dict[str, Any]) -> str | None:
+        """The Secrets Manager secret a PostgreSQL endpoint takes its connection details from, if any."""
+        return (endpoint.get("PostgreSQLSettings") or {}).get("SecretsManagerSecretId") or None
 
+    def _read_secret(self, secret_id: str) -> dict[str, Any]:
         raw = self._call(self.secretsmanager, "get_secret_value", "reading the DMS source secret",
-                         SecretId=arn).get("SecretString")
+                         SecretId=secret_id).get("SecretString")
         try:
             current = json.loads(raw or "")
         except ValueError:
@@ -397,15 +468,63 @@ class DmsTask:
         if not isinstance(current, dict):
             raise ConfigError("the DMS source secret is not a JSON object (username, password, host, port)")
         register_secret(str(current.get("password") or ""))
-        missing = [k for k in ("username", "password") if not current.get(k)]
-        if missing:
-            raise ConfigError(f"the DMS source secret lacks {', '.join(missing)}")
-        changed = current.get("host") != host or str(current.get("port")) != str(port)
-        if changed:
-            self._call(self.secretsmanager, "put_secret_value", "updating the DMS source secret",
-                       SecretId=arn, SecretString=json.dumps({**current, "host": host, "port": port}))
+        return current
+
+    def _source_endpoint_arn(self, task: dict[str, Any]) -> str:
+        return self.source_endpoint_arn or task["SourceEndpointArn"]
+
+    def source_address(self) -> tuple[str | None, int | None]:
+        """Where the source endpoint points now: ``(host, port)`` from its secret (Secrets Manager) or from
+        its ``ServerName`` / ``Port``; ``None`` for what it does not say."""
+        endpoint = self.endpoint(self._source_endpoint_arn(self._describe()))
+        secret_id = self._endpoint_secret(endpoint)
+        if secret_id:
+            current = self._read_secret(secret_id)
+            host, port = current.get("host"), current.get("port")
+        else:
+            host, port = endpoint.get("ServerName"), endpoint.get("Port")
+        return (str(host) if host else None), (int(port) if port not in (None, "") else None)
+
+    def follow_leader(self, host: str, port: int, *, timeout: float = 300.0) -> dict[str, Any]:
+        """Point the source endpoint at the EC2 leader ``host:port``, and prove DMS reaches it.
+
+        The task must not run. The endpoint is read first (``DescribeEndpoints``): when it takes its
+        connection details from a Secrets Manager secret (``PostgreSQLSettings.SecretsManagerSecretId``,
+        as ``infra/dms.py`` declares it: DMS then takes host and port *from the secret*), that secret
+        keeps its username, password and every other key and only ``host`` and ``port`` change;
+        otherwise the endpoint itself is changed (``ModifyEndpoint`` ``ServerName``, ``Port``).
+        Nothing is rewritten when it already names the leader. Then ``TestConnection`` from the
+        replication instance to the source endpoint, waited (bounded) until ``successful``; ``failed``
+        raises with DMS's ``LastFailureMessage``. Returns ``{"host", "port", "changed", "connection",
+        "via"}`` (``via``: ``secret`` or ``endpoint``).
+        """
+        if not host or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ConfigError(f"follow_leader needs a host and a port in 1..65535, got {host!r}:{port!r}")
+        task = self._describe()
+        if task["Status"] not in ("stopped", "ready", "failed"):
+            raise PreflightError(f"DMS task is {task['Status']}: stop it before repointing its source endpoint")
+        instance_arn = self.replication_instance_arn or task["ReplicationInstanceArn"]
+        endpoint_arn = self._source_endpoint_arn(task)
+        endpoint = self.endpoint(endpoint_arn)
+        secret_id = self._endpoint_secret(endpoint)
+        if secret_id:
+            current = self._read_secret(secret_id)
+            missing = [k for k in ("username", "password") if not current.get(k)]
+            if missing:
+                raise ConfigError(f"the DMS source secret lacks {', '.join(missing)}")
+            changed = current.get("host") != host or str(current.get("port")) != str(port)
+            if changed:
+                self._call(self.secretsmanager, "put_secret_value", "updating the DMS source secret",
+                           SecretId=secret_id, SecretString=json.dumps({**current, "host": host, "port": port}))
+            via = "secret"
+        else:
+            changed = endpoint.get("ServerName") != host or str(endpoint.get("Port")) != str(port)
+            if changed:
+                self._call(self.dms, "modify_endpoint", "repointing the DMS source endpoint",
+                           EndpointArn=endpoint_arn, ServerName=host, Port=port)
+            via = "endpoint"
         self._test_connection(instance_arn, endpoint_arn, f"{host}:{port}", timeout)
-        return {"host": host, "port": port, "changed": changed, "connection": "successful"}
+        return {"host": host, "port": port, "changed": changed, "connection": "successful", "via": via}
 
     def _test_connection(self, instance_arn: str, endpoint_arn: str, target: str, timeout: float) -> None:
         conn = self._call(self.dms, "test_connection", "testing the DMS source connection",

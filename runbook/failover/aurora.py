@@ -38,12 +38,11 @@ from psycopg import sql
 
 from ..adapters.aurora import aurora_api_for
 from ..adapters.snapshots import snapshots_for
-from ..errors import NotPromoted, PreflightError, RunbookError, StepError, VerificationError
-from ..pg import lsn_to_int, url_endpoint, url_user
+from ..errors import NotPromoted, PreflightError, RunbookError, VerificationError
+from ..pg import url_endpoint, url_user
 from ..polling import wait_until
 from ..postgres import literal
-from ..replication import REVERSE, SUBSCRIPTION, TERN_SCHEMA, native
-from ..replication import headroom as headroom_mod
+from ..replication import REVERSE, TERN_SCHEMA, engines, native
 from ..replication.leader import EC2_URL_VAR, aurora_app_url, aurora_master_url, leader
 from ..secrets import resolve
 from ..steps import Step
@@ -74,11 +73,8 @@ def _master(ctx: Context):
 # -- 1. preflight -------------------------------------------------------------------------
 def preflight(ctx: Context) -> dict[str, Any]:
     r = leader(ctx.app, ctx.outputs)
-    pg = ctx.pg(r.name)
+    engine = engines.for_run(ctx)   # the one replicate-aurora set up (its journal says which)
     with _master(ctx) as master:
-        if not native.subscription_exists(master):
-            raise PreflightError("replication into Aurora is not set up: run `invoke replicate-aurora` first")
-        states = native.table_states(master)
         # the rollback path must be possible before the point of no return, not discovered after it
         can_publish = master.execute("SELECT current_setting('wal_level') = 'logical', rolreplication OR "
                                      "pg_has_role(current_user, 'rds_replication', 'MEMBER') FROM pg_roles "
@@ -88,39 +84,12 @@ def preflight(ctx: Context) -> dict[str, Any]:
     if not all(can_publish):
         raise PreflightError("Aurora cannot replicate back to EC2 (the rollback path): it needs "
                              "rds.logical_replication = 1 (wal_level logical) and its master in rds_replication")
-    waiting = sorted(t for t, s in states.items() if s != "r")
-    if not states or waiting:
-        named = ", ".join(f"{t} ({native.STATES.get(states[t], states[t])})" for t in waiting[:5])
-        more = f" and {len(waiting) - 5} more" if len(waiting) > 5 else ""
-        raise PreflightError(f"not every table is synchronised into Aurora ({named or 'no table at all'}{more}): "
-                             "wait for replicate-aurora's initial copy")
-    seen: dict[str, Any] = {}
-
-    def streaming() -> bool:   # an apply worker restarting (it retries every few seconds) is not an outage
-        seen.update(native.lag(pg))
-        return bool(seen["slot"] and seen["active"])
-
-    try:
-        wait_until(streaming, timeout=min(30.0, ctx.settings.catchup_timeout), interval=0.5,
-                   what=f"the replication slot {SUBSCRIPTION} on {r.name} to be in use")
-    except RunbookError:
-        with _master(ctx) as master:
-            errors = master.execute("SELECT apply_error_count, sync_error_count FROM pg_stat_subscription_stats "
-                                    "WHERE subname = %s", (SUBSCRIPTION,)).fetchone()
-        raise PreflightError(f"the replication slot {SUBSCRIPTION} on {r.name} is "
-                             f"{'missing' if not seen.get('slot') else 'not in use'}: replication is not running "
-                             f"(Aurora's apply errors so far: {errors[0] if errors else '?'}; see its log)") from None
-    # the apply headroom over a short sample, by the rule of runbook/replication/headroom.py: under
-    # max_lag_bytes at the end; caught up at both ends is enough (a quiet app); else apply bytes/s at
-    # least min_apply_headroom x the leader's WAL bytes/s
-    first, second = native.sample(pg, ctx.settings.apply_sample_seconds)
-    measured = headroom_mod.measure(headroom_mod.Look.of(first), headroom_mod.Look.of(second))
-    enough, why = headroom_mod.judge(measured, min_headroom=ctx.settings.min_apply_headroom,
-                                     max_lag_bytes=ctx.settings.max_lag_bytes)
-    if not enough:
-        raise PreflightError(f"Aurora's apply does not keep up with {r.name}: {why}")
-    standby = consistent_point.pick_standby(ctx, r.name) if ctx.settings.full_verification == "witness" else None
-    if ctx.settings.full_verification == "witness" and standby is None:
+    # set up, every table synchronised, streaming, keeping up (native: the apply headroom of
+    # runbook/replication/headroom.py; DMS: its task, validation counts, slot and CDC latency)
+    ready = engine.check_ready(ctx, r)
+    witness = engine.needs_witness and ctx.settings.full_verification == "witness"
+    standby = consistent_point.pick_standby(ctx, r.name) if witness else None
+    if witness and standby is None:
         raise PreflightError(f"no EC2 standby streams from {r.name}: the full verification holds one where Aurora "
                              "stopped; restore one (or set tern.full_verification = skip to go without it)")
     with ctx.source("preflight") as conn:
@@ -132,8 +101,10 @@ def preflight(ctx: Context) -> dict[str, Any]:
     return {"leader": r.name, "candidate": "aurora", "source_endpoint": f"{r.host}:{r.port}",
             "target_endpoint": f"{a.writer_endpoint}:{a.port}", "source_connection_limit": limit,
             "formation": ctx.app.formation(), "others": [],
-            "apply_headroom": measured.to_json(), "standby": standby,
-            "detail": f"leader {r.name}; {len(states)} tables streaming; lag {second['lag_bytes']:,} bytes; {why}"}
+            "apply_headroom": ready.get("apply_headroom"), "standby": standby, "engine": engine.name,
+            "detail": f"leader {r.name}; {ready['tables']} tables streaming"
+                      + ("" if ready["lag_bytes"] is None else f"; lag {ready['lag_bytes']:,} bytes")
+                      + f"; {ready['why']}"}
 
 
 def _has_role(conn, name: str) -> bool:
@@ -172,18 +143,17 @@ def unfence(ctx: Context) -> None:
 # -- 6. catch up: the sentinel ------------------------------------------------------------------
 def catch_up(ctx: Context) -> dict[str, Any]:
     conn = ctx.held().control
-    if ctx.data.get("final_next_xid") is None:
+    if ctx.data.final_next_xid is None:
         fence_mod.wait_quiet(conn, timeout=ctx.settings.stop_app_timeout, interval=ctx.settings.poll_interval)
         conn.execute(sql.SQL("INSERT INTO {}.sentinel (run_id) VALUES (%s) ON CONFLICT DO NOTHING").format(
             sql.Identifier(TERN_SCHEMA)), (ctx.journal.run_id,))
         final = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
         xid = str(fence_mod.prove_quiet(conn, {next_xid(conn)}, what=ctx.data["leader"]))
-        ctx.journal.record("catch_up", "progress", context={"final_lsn": final, "final_next_xid": xid})
-        ctx.data.update(final_lsn=final, final_next_xid=xid)
+        ctx.checkpoint(final_lsn=final, final_next_xid=xid)
     t0 = time.monotonic()
     seen = wait_until(lambda: applied_final(ctx), timeout=ctx.settings.catchup_timeout,
                       interval=ctx.settings.poll_interval, what="Aurora to apply the sentinel and the final LSN",
-                      last=lambda: f"lag {native.lag(_leader_pg(ctx)).get('lag_bytes')} bytes"
+                      last=lambda: engines.for_run(ctx).lag_text(ctx)
                       + (f"; Aurora unreachable: {ctx.data['_aurora_unreachable']}"
                          if ctx.data.get("_aurora_unreachable") else ""))
     seconds = round(time.monotonic() - t0, 3)
@@ -192,29 +162,12 @@ def catch_up(ctx: Context) -> dict[str, Any]:
 
 
 def applied_final(ctx: Context) -> str | None:
-    """The sentinel is on Aurora and Aurora confirmed the final LSN (both engines: the sentinel).
+    """The sentinel is on Aurora and the engine proved the rest (native: the slot confirmed the final LSN;
+    DMS: its task and slot are sound, and it applies in commit order - :mod:`runbook.replication.engines`).
 
     Aurora unreachable for a while (a restart, a failover of its writer: tens of seconds on AWS) is
     waited through until the catch-up deadline; a slot gone on the leader cannot heal: it fails at once."""
-    lag = native.lag(_leader_pg(ctx))
-    if not lag["slot"] or lag["wal_status"] == "lost":
-        # no slot, no way for Aurora to receive what the leader wrote: waiting cannot help
-        raise StepError(f"the replication slot {SUBSCRIPTION} on the EC2 leader is "
-                        f"{'gone' if not lag['slot'] else 'lost (its WAL was removed)'}: Aurora cannot catch up. "
-                        "Falling back; rebuild Aurora's copy with `invoke replicate-aurora` before trying again")
-    try:
-        with _master(ctx) as master:
-            row = master.execute(sql.SQL("SELECT 1 FROM {}.sentinel WHERE run_id = %s").format(
-                sql.Identifier(TERN_SCHEMA)), (ctx.journal.run_id,)).fetchone()
-    except (psycopg.OperationalError, RunbookError) as exc:
-        ctx.data["_aurora_unreachable"] = str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__
-        return None
-    ctx.data.pop("_aurora_unreachable", None)
-    if row is None:
-        return None
-    if lag["confirmed_lsn"] is None or lsn_to_int(lag["confirmed_lsn"]) < lsn_to_int(ctx.data["final_lsn"]):
-        return None
-    return f"confirmed {lag['confirmed_lsn']}"
+    return engines.for_run(ctx).applied_final(ctx)
 
 
 # -- 7. sequences --------------------------------------------------------------------------------
@@ -265,7 +218,7 @@ def verify(ctx: Context) -> dict[str, Any]:
                   source_connections=ctx.held().verification()[:1], ignore_extensions=True,
                   sample_plan=ctx.sample_plan)
     summary = result.summary()
-    ctx.journal.record("verify", "progress", context={"verification": summary})
+    ctx.checkpoint(verification=summary)
     if not result.ok:
         raise VerificationError("the frozen leader and Aurora differ: " + "; ".join(result.differences()[:10]))
     return {"verification": summary, "detail": f"{summary['tables']} tables, {summary['sampled_rows']:,} rows "
@@ -275,7 +228,7 @@ def verify(ctx: Context) -> dict[str, Any]:
 # -- 9. the point of no return ---------------------------------------------------------------------
 def prove_nothing_after_final(ctx: Context) -> str:
     accepted = {int(ctx.data["final_next_xid"])}
-    if ctx.data.get("seal_next_xid"):
+    if ctx.data.seal_next_xid:
         accepted.add(int(ctx.data["seal_next_xid"]))
     try:
         sessions = ctx.held()
@@ -292,27 +245,23 @@ def prove_nothing_after_final(ctx: Context) -> str:
 
 
 def switch_over(ctx: Context) -> dict[str, Any]:
-    api = aurora_api_for(ctx.outputs.aurora)
+    engine = engines.for_run(ctx)
     leader_pg, db = _leader_pg(ctx), _db(ctx)
     proof = "already switched over"
-    with _master(ctx) as master:
-        forward_enabled = master.execute("SELECT subenabled FROM pg_subscription WHERE subname = %s",
-                                         (SUBSCRIPTION,)).fetchone()
-    if forward_enabled and forward_enabled[0]:
+    if engine.forward_running(ctx):
         prove_nothing_after_final(ctx)
-        if not ctx.data.get("sealed"):
+        if not ctx.data.sealed:
             try:   # the leader never admits a session again (tern's own stay open)
                 after = fence_mod.seal(ctx.held().control, db, int(ctx.data["final_next_xid"]))
             except (RunbookError, psycopg.Error) as exc:
                 raise NotPromoted(f"cannot seal the leader: {exc}") from None
             seal_xid = str(after) if after else None   # None: something wrote since the sentinel: not vouched
-            ctx.journal.record("switch_over", "progress", context={"sealed": True, "seal_next_xid": seal_xid})
-            ctx.data.update(sealed=True, seal_next_xid=seal_xid)
+            ctx.checkpoint(sealed=True, seal_next_xid=seal_xid)
         proof = prove_nothing_after_final(ctx)   # again, after the seal
         # the seal keeps every client out; the reverse replication's apply must write here
         ctx.held().control.execute(sql.SQL("ALTER DATABASE {} RESET default_transaction_read_only").format(
             sql.Identifier(db)))
-        api.subscription_statement(f"ALTER SUBSCRIPTION {SUBSCRIPTION} DISABLE", ctx.outputs.aurora.database)
+        engine.stop_forward(ctx)   # before the reverse replication: it must not be carried back into Aurora
     reverse = start_reverse(ctx, leader_pg, db)
     return {"switched_over_at": time.time(), "new_leader": "aurora", "final_proof": proof, "reverse": reverse,
             "detail": f"{proof}; leader sealed; forward replication stopped; {reverse}"}
@@ -327,7 +276,8 @@ def start_reverse(ctx: Context, leader_pg, db: str) -> str:
             tables = [r[0] for r in master.execute(
                 "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n "
                 "ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition "
-                "AND n.nspname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1").fetchall()]
+                "AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+                "AND c.relname NOT LIKE 'awsdms\\_%' ORDER BY 1").fetchall()]   # DMS's control tables: Aurora's own
             with master.transaction():
                 master.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(role)))
                 master.execute(sql.SQL("CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)")
@@ -363,7 +313,7 @@ def switch(ctx: Context) -> dict[str, Any]:
 
 def smoke_test(ctx: Context) -> dict[str, Any]:
     a = ctx.outputs.aurora
-    what = ctx.app.smoke_test(a.writer_endpoint, a.port, since=ctx.data.get("switched_at", 0.0),
+    what = ctx.app.smoke_test(a.writer_endpoint, a.port, since=ctx.data.switched_at or 0.0,
                               timeout=ctx.settings.smoke_timeout)
     return {"smoke_test": what, "detail": what}
 
@@ -373,7 +323,7 @@ def plan() -> list[Step]:
         Step("preflight", "preflight: replication streaming and keeping up", preflight),
         Step("snapshot", "snapshots of Aurora and the EC2 leader", snapshot),
         Step("verify_full", "verify every row: Aurora against an EC2 standby held where it stopped (app running)",
-             consistent_point.verify_full, revert=consistent_point.release,
+             lambda ctx: engines.for_run(ctx).verify_full(ctx), revert=lambda ctx: engines.for_run(ctx).release(ctx),
              revert_hint="Aurora's subscription may still be disabled (ALTER SUBSCRIPTION tern_aurora ENABLE) and "
                          "the EC2 standby held (ALTER SYSTEM RESET recovery_target_lsn, then restart it)"),
         Step("stop_workers", "stop background workers", stop_workers, check=workers_stopped, revert=restore_workers,

@@ -47,8 +47,6 @@ from ..verify import verify as run_verify
 from . import hold
 from .context import Context
 
-STEP = "verify_full"
-HOLD_KEY = "consistent_point_hold"      # journal context: what may still be held ({standby: name} or None)
 VERIFY_JOBS = 2
 
 
@@ -76,8 +74,7 @@ def _master(ctx: Context):
 
 
 def _journal_hold(ctx: Context, value: dict[str, Any] | None) -> None:
-    ctx.journal.record(STEP, "progress", context={HOLD_KEY: value})
-    ctx.data[HOLD_KEY] = value
+    ctx.checkpoint(consistent_point_hold=value)
 
 
 def verify_full(ctx: Context) -> dict[str, Any]:
@@ -121,8 +118,7 @@ def verify_full(ctx: Context) -> dict[str, Any]:
     summary.update(standby=name, seconds=round(time.monotonic() - t0, 3), **point,
                    released=(released or {}).get("done"))
     if not result.ok:
-        ctx.journal.record(STEP, "progress", context={"verification_full": summary})
-        ctx.data["verification_full"] = summary
+        ctx.checkpoint(verification_full=summary)
         tables = sorted({t.table for t in result.tables if not t.ok})
         what = ", ".join(tables) or "schema"
         raise VerificationError(
@@ -176,7 +172,7 @@ def release(ctx: Context) -> dict[str, Any] | None:
     """Step 6, and the step's revert: the subscription enabled and the standby streaming again, if the
     journal says they may be held. Idempotent; every wait bounded. Returns what it did (``done``) and
     when the subscription was enabled again (``enabled_at``, monotonic); None when nothing was held."""
-    held_now = ctx.data.get(HOLD_KEY)
+    held_now = ctx.data.consistent_point_hold
     if not held_now:
         return None
     s = ctx.settings

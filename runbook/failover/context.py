@@ -1,4 +1,4 @@
-"""What every failover step works with: the outputs, the settings, the app, the journal's context."""
+"""What every failover step works with: the outputs, the settings, the app, the journal, the run's state."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from ..pg import connect, url_endpoint
 from ..postgres import PgHost
 from ..settings import Settings
 from ..status import replica_host, source_url
+from ..steps import Runner
 from ..errors import DatabaseError
+from .state import RunState
 from .fence import BYPASS_READ_ONLY as BYPASS_FENCE, TOO_MANY, SourceSessions, maintenance_connection
 
 # tern's sessions held on the source through the fence: control + the verification's (coordinator, workers)
@@ -28,11 +30,23 @@ class Context:
     settings: Settings
     app: AppControl
     journal: Journal
-    data: dict[str, Any] = field(default_factory=dict)
+    data: RunState = field(default_factory=RunState)   # the run's typed state (a dict given is converted)
     progress: Any = None
     sessions: SourceSessions | None = None
     _hosts: dict[str, PgHost] = field(default_factory=dict)
     sample_plan: Any = None   # the gate's sample, chosen and read before the window (memory only: keys are data)
+    runner: Runner | None = field(default=None, repr=False)   # the Runner running the plan (it binds itself)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, RunState):
+            self.data = RunState.from_context(self.data or {})
+
+    def checkpoint(self, **fields: Any) -> None:
+        """Save values a crash must not lose before the step ends (journaled by the runner as the
+        running step's progress, and applied to ``data``). Only inside a run."""
+        if self.runner is None:
+            raise RuntimeError("checkpoint() outside a run: only the runner journals")
+        self.runner.checkpoint(self, **fields)
 
     def held(self) -> SourceSessions:
         """tern's sessions on the source's database (opened now if this process has none)."""

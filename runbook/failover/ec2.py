@@ -78,7 +78,7 @@ def preflight(ctx: Context) -> dict[str, Any]:
     _, statuses = replica_health(ctx)
     max_lag = ctx.settings.max_lag_bytes
     problems = {n: healthy(s, max_lag) for n, s in statuses.items()}
-    wanted = ctx.data.get("requested_candidate")
+    wanted = ctx.data.requested_candidate
     if wanted:
         if problems[wanted]:
             raise PreflightError(f"candidate {wanted} is not ready: {problems[wanted]}")
@@ -247,8 +247,8 @@ def replayed(ctx: Context, name: str) -> int | None:
 
 
 def flush_done(ctx: Context) -> bool:
-    final = ctx.data.get("final_lsn")
-    if final is None or ctx.data.get("final_next_xid") is None:
+    final = ctx.data.final_lsn
+    if final is None or ctx.data.final_next_xid is None:
         return False
     try:
         return (replayed(ctx, ctx.data["candidate"]) or 0) >= lsn_to_int(final)
@@ -261,21 +261,18 @@ def flush(ctx: Context) -> dict[str, Any]:
         raise PreflightError(f"unknown flush_mode {ctx.settings.flush_mode!r} (fill or archive_timeout)")
     updates: dict[str, Any] = {}
     conn = ctx.held().control
-    if ctx.data.get("final_lsn") is None:
+    if ctx.data.final_lsn is None:
         # nothing that could commit later may be running when the final LSN is taken
         fence_mod.wait_quiet(conn, timeout=ctx.settings.stop_app_timeout, interval=ctx.settings.poll_interval)
         final = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
-        # journaled at once: a resumed run waits for this same LSN
-        ctx.journal.record("flush", "progress", context={"final_lsn": final})
-        ctx.data["final_lsn"] = final
+        ctx.checkpoint(final_lsn=final)   # journaled at once: a resumed run waits for this same LSN
     final_lsn = lsn_to_int(ctx.data["final_lsn"])
-    if ctx.data.get("final_next_xid") is None:
+    if ctx.data.final_next_xid is None:
         fill_segment(conn, final_lsn, ctx.settings.flush_mode)
         # from here on no transaction may start on the source: the promotion proves it (the snapshot's
         # xmax stays, and nothing is in progress); something already running now breaks the fence
         xid = str(fence_mod.prove_quiet(conn, {next_xid(conn)}, what="the source"))
-        ctx.journal.record("flush", "progress", context={"final_next_xid": xid})
-        ctx.data["final_next_xid"] = xid
+        ctx.checkpoint(final_next_xid=xid)
     t0 = time.monotonic()
     deadline = t0 + ctx.settings.catchup_timeout
     while True:
@@ -324,7 +321,7 @@ def settle(ctx: Context, rounds: int = 3) -> str:
                                    interval=ctx.settings.poll_interval)
         fence_mod.wait_quiet(conn, timeout=ctx.settings.stop_app_timeout, interval=ctx.settings.poll_interval)
         accepted = {int(ctx.data["final_next_xid"])}
-        if ctx.data.get("seal_next_xid"):
+        if ctx.data.seal_next_xid:
             accepted.add(int(ctx.data["seal_next_xid"]))
         moved = False
         try:
@@ -338,9 +335,7 @@ def settle(ctx: Context, rounds: int = 3) -> str:
             final = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
             fill_segment(conn, lsn_to_int(final), ctx.settings.flush_mode)
             xid = str(fence_mod.prove_quiet(conn, {next_xid(conn)}, what="the source"))
-            ctx.journal.record("promote", "progress", context={"final_lsn": final, "final_next_xid": xid,
-                                                               "seal_next_xid": None})
-            ctx.data.update(final_lsn=final, final_next_xid=xid, seal_next_xid=None)
+            ctx.checkpoint(final_lsn=final, final_next_xid=xid, seal_next_xid=None)
         want = lsn_to_int(ctx.data["final_lsn"])
         try:
             wait_until(lambda: (replayed(ctx, name) or 0) >= want, timeout=ctx.settings.catchup_timeout,
@@ -369,11 +364,9 @@ def switch_candidate(ctx: Context, failed: str, why: str) -> dict[str, Any]:
     others = [n for n in ctx.data["others"] if n != best] + [failed]
     ctx.say(f"candidate {failed} failed ({why}); switching to {best}")
     attach_to_archive(ctx, best)   # it was detached from the archive with the others
-    ctx.data.update(candidate=best, others=others)
-    ctx.journal.record("flush", "progress", context={"candidate": best, "others": others,
-                                                      "candidate_failed": {failed: why}})
+    ctx.checkpoint(candidate=best, others=others, candidate_failed={failed: why})
     snap = snapshot(ctx)
-    ctx.journal.record("flush", "progress", context={"snapshot": {**ctx.data.get("snapshot", {}), **snap["snapshot"]}})
+    ctx.checkpoint(snapshot={**(ctx.data.snapshot or {}), **snap["snapshot"]})
     return {"candidate": best, "others": others}
 
 
@@ -407,7 +400,7 @@ def verify(ctx: Context) -> dict[str, Any]:
     summary = result.summary()
     summary["identity"] = identity
     summary["sample_read_before_the_window"] = ctx.sample_plan is not None
-    ctx.journal.record("verify", "progress", context={"verification": summary})
+    ctx.checkpoint(verification=summary)
     if not result.ok:
         raise VerificationError("frozen source and candidate differ: " + "; ".join(result.differences()[:10]))
     skipped = f"; unlogged, not compared: {', '.join(result.skipped)}" if result.skipped else ""
@@ -421,7 +414,7 @@ def check_identity(ctx: Context, name: str) -> str:
     pg = ctx.pg(name)
     row = pg.query_one("SELECT system_identifier::text AS id, pg_is_in_recovery() AS r, "
                        "pg_last_wal_replay_lsn()::text AS lsn FROM pg_control_system()")
-    want = ctx.data.get("source_system_identifier")
+    want = ctx.data.source_system_identifier
     if want and row["id"] != want:
         raise VerificationError(f"{name} is not a copy of the source: system identifier {row['id']}, source {want}")
     if not row["r"]:
@@ -437,7 +430,7 @@ def prove_nothing_after_final(ctx: Context) -> str:
     the final LSN. Otherwise the promotion would lose what the source took: NotPromoted, fall back."""
     name = ctx.data["candidate"]
     accepted = {int(ctx.data["final_next_xid"])}
-    if ctx.data.get("seal_next_xid"):
+    if ctx.data.seal_next_xid:
         accepted.add(int(ctx.data["seal_next_xid"]))
     try:
         sessions = ctx.held()
@@ -486,7 +479,7 @@ def seal_source(ctx: Context) -> None:
     """The old source admits no new session ever again (connection limit 0; tern's open sessions stay,
     for the verification after the switch): stale dynos and pooled clients cannot write to it. The
     seal's own transaction id is journaled at once, so the proof after it (and a resumed run) accepts it."""
-    if ctx.data.get("sealed"):
+    if ctx.data.sealed:
         return
     try:
         conn = ctx.held().control
@@ -497,8 +490,7 @@ def seal_source(ctx: Context) -> None:
     except psycopg.Error as exc:
         raise NotPromoted(f"cannot seal the source before the promotion: {str(exc).strip()}") from None
     seal_xid = str(after) if after else None     # None: something else wrote since the flush (settle copies it)
-    ctx.journal.record("promote", "progress", context={"sealed": True, "seal_next_xid": seal_xid})
-    ctx.data.update(sealed=True, seal_next_xid=seal_xid)
+    ctx.checkpoint(sealed=True, seal_next_xid=seal_xid)
 
 
 def verify_promoted(ctx: Context) -> None:
@@ -541,7 +533,7 @@ def switch(ctx: Context) -> dict[str, Any]:
 
 def smoke_test(ctx: Context) -> dict[str, Any]:
     host, port = leader_endpoint(ctx)
-    since = ctx.data.get("switched_at", 0.0)
+    since = ctx.data.switched_at or 0.0
     what = ctx.app.smoke_test(host, port, since=since, timeout=ctx.settings.smoke_timeout)
     return {"smoke_test": what, "detail": what}
 

@@ -282,7 +282,7 @@ def repoint(ctx: Context, *, clock: Clock = Clock()) -> dict[str, Any]:
     if dropped:
         detail += f"; dropped unused slots {', '.join(dropped)}"
     if failures:
-        ctx.journal.record("repoint", "progress", context={"repoint": report, "repoint_failures": failures})
+        ctx.checkpoint(repoint=report, repoint_failures=failures)
         raise StepError("repoint: " + "; ".join(f"{n}: {r}" for n, r in failures.items())
                         + (f" (unused slots dropped: {', '.join(dropped)})" if dropped else "")
                         + f". The app runs on {leader_name}; the replicas above do not follow it (an EMPTY one "

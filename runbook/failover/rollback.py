@@ -54,6 +54,7 @@ from ..replication import REVERSE, SUBSCRIPTION, TERN_SCHEMA, native
 from ..replication.leader import EC2_URL_VAR, aurora_app_url, aurora_master_url, leader, leader_url
 from ..steps import Step
 from ..verify import gate
+from .state import RunState
 from . import aurora as forward
 from . import fence as fence_mod
 from .app_steps import (app_started, maintenance_on, restore_workers, start_app, stop_workers,
@@ -204,9 +205,10 @@ def preflight(ctx: Context) -> dict[str, Any]:
             raise PreflightError(f"prepared transactions on Aurora: {', '.join(prepared[:5])}")
         limit = fence_mod.role_connection_limit(master, role)
     a = ctx.outputs.aurora
+    before = RunState.from_journal(failover).source_connection_limit   # the leader's, before failover-aurora
     return {"leader": r.name, "app_role": role, "failover_run": failover.run_id,
             "source_endpoint": f"{a.writer_endpoint}:{a.port}", "target_endpoint": f"{r.host}:{r.port}",
-            "leader_connection_limit": int(failover.context().get("source_connection_limit", -1)),
+            "leader_connection_limit": -1 if before is None else int(before),
             "aurora_role_connection_limit": -1 if limit in (None, 0) else limit,
             "formation": ctx.app.formation(),
             "detail": f"undoes {failover.run_id}; back to {r.name}; reverse replication streaming, "
@@ -256,7 +258,7 @@ def unfence(ctx: Context) -> None:
 
 
 # -- 6. catch up: the sentinel ---------------------------------------------------------------------------
-def write_sentinel(ctx: Context, sentinel_id: str, step: str = "catch_up") -> None:
+def write_sentinel(ctx: Context, sentinel_id: str) -> None:
     """After the fence: wait until nothing runs on Aurora, write the sentinel, record the final point."""
     conn = ctx.held().control
     fence_mod.wait_quiet(conn, timeout=ctx.settings.stop_app_timeout, interval=ctx.settings.poll_interval)
@@ -264,9 +266,7 @@ def write_sentinel(ctx: Context, sentinel_id: str, step: str = "catch_up") -> No
         sql.Identifier(TERN_SCHEMA)), (sentinel_id,))
     final = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]
     xid = str(fence_mod.prove_quiet(conn, {next_xid(conn)}, what="Aurora"))
-    point = {"sentinel_id": sentinel_id, "final_lsn": final, "final_next_xid": xid}
-    ctx.journal.record(step, "progress", context=point)
-    ctx.data.update(point)
+    ctx.checkpoint(sentinel_id=sentinel_id, final_lsn=final, final_next_xid=xid)
 
 
 def applied_final(ctx: Context) -> str | None:
@@ -289,7 +289,7 @@ def wait_applied(ctx: Context) -> str:
 
 
 def catch_up(ctx: Context) -> dict[str, Any]:
-    if ctx.data.get("final_next_xid") is None:
+    if ctx.data.final_next_xid is None:
         write_sentinel(ctx, ctx.journal.run_id)
     t0 = time.monotonic()
     seen = wait_applied(ctx)
@@ -315,7 +315,7 @@ def verify(ctx: Context) -> dict[str, Any]:
     result.schema = [line for line in result.schema
                      if not (line.startswith("extension ") and line.endswith("exists only on the target"))]
     summary = result.summary()
-    ctx.journal.record("verify", "progress", context={"verification": summary})
+    ctx.checkpoint(verification=summary)
     if not result.ok:
         raise VerificationError(f"frozen Aurora and {ctx.data['leader']} differ: "
                                 + "; ".join(result.differences()[:10]))
@@ -346,10 +346,10 @@ def prove_nothing_after_final(ctx: Context) -> str:
     try:
         return prove_quiet_since_sentinel(ctx)
     except NotPromoted:
-        if ctx.data.get("sentinel_id", "").endswith("/settle"):
+        if (ctx.data.sentinel_id or "").endswith("/settle"):
             raise
     try:
-        write_sentinel(ctx, ctx.journal.run_id + "/settle", step="switch_back")
+        write_sentinel(ctx, ctx.journal.run_id + "/settle")
         wait_applied(ctx)
     except (RunbookError, psycopg.Error) as exc:
         raise NotPromoted(f"Aurora was written after the sentinel and could not be settled: {exc}") from None
@@ -389,8 +389,7 @@ def advance_forward(ctx: Context) -> str | None:
     if lsn_to_int(slot[0]["confirmed"]) < lsn_to_int(target):
         pg.query(f"SELECT pg_replication_slot_advance({literal(SUBSCRIPTION)}, {literal(target)}::pg_lsn)",
                  database=db, timeout=ctx.settings.catchup_timeout)
-    ctx.journal.record("switch_back", "progress", context={"forward_from": target})
-    ctx.data["forward_from"] = target
+    ctx.checkpoint(forward_from=target)
     return None
 
 
@@ -402,18 +401,17 @@ def lift_leader(ctx: Context) -> None:
 
 
 def switch_back(ctx: Context) -> dict[str, Any]:
-    proof = ctx.data.get("final_proof") or ""
-    if not ctx.data.get("reverse_stopped"):
+    proof = ctx.data.final_proof or ""
+    if not ctx.data.reverse_stopped:
         proof = prove_nothing_after_final(ctx)
         stop_reverse(ctx)
-        ctx.journal.record("switch_back", "progress", context={"reverse_stopped": True, "final_proof": proof})
-        ctx.data.update(reverse_stopped=True, final_proof=proof)
+        ctx.checkpoint(reverse_stopped=True, final_proof=proof)
     not_resumed = advance_forward(ctx)
     lift_leader(ctx)     # also admits the forward walsender (tern's replication role)
     if not_resumed is None:
         aurora_api_for(ctx.outputs.aurora).subscription_statement(f"ALTER SUBSCRIPTION {SUBSCRIPTION} ENABLE",
                                                                   ctx.outputs.aurora.database)
-    forward_note = not_resumed or f"replication into Aurora resumed from {ctx.data.get('forward_from', 'where it was')}"
+    forward_note = not_resumed or f"replication into Aurora resumed from {ctx.data.forward_from or 'where it was'}"
     return {"switched_over_at": time.time(), "new_leader": ctx.data["leader"], "forward": forward_note,
             "detail": f"{proof}; reverse replication stopped; {forward_note}; {ctx.data['leader']} admits the app"}
 
@@ -438,7 +436,7 @@ def switch(ctx: Context) -> dict[str, Any]:
 
 def smoke_test(ctx: Context) -> dict[str, Any]:
     r = ctx.replica(ctx.data["leader"])
-    what = ctx.app.smoke_test(r.host, r.port, since=ctx.data.get("switched_at", 0.0),
+    what = ctx.app.smoke_test(r.host, r.port, since=ctx.data.switched_at or 0.0,
                               timeout=ctx.settings.smoke_timeout)
     return {"smoke_test": what, "detail": what}
 

@@ -25,7 +25,7 @@ from .context import Context
 
 def pick(ctx: Context) -> str | None:
     """The first other replica that is a running standby with data."""
-    for name in ctx.data.get("others", []):
+    for name in ctx.data.others or []:
         pg = ctx.pg(name)
         try:
             if pg.has_data() and pg.is_running() and pg.query_one("SELECT pg_is_in_recovery() AS r")["r"]:
@@ -92,12 +92,12 @@ def verify_full(ctx: Context) -> dict[str, Any]:
     summary = result.summary()
     summary.update(witness=name, witness_lsn=lsn, seconds=round(time.monotonic() - t0, 3))
     if not result.ok:
-        ctx.journal.record("verify_full", "progress", context={"verification_full": summary})
+        ctx.checkpoint(verification_full=summary)
         raise VerificationError(
             f"the frozen source and {name} (held at the final LSN {ctx.data['final_lsn']}) differ: "
             + "; ".join(result.differences()[:10])
             + f". The app runs on {ctx.data['candidate']}; its pre-migration snapshot is "
-              f"{ctx.data.get('snapshot')}: decide whether to repair the rows or roll back")
+              f"{ctx.data.snapshot}: decide whether to repair the rows or roll back")
     return {"verification_full": summary,
             "detail": f"every row of {summary['tables']} tables equal between the frozen source and {name} at "
                       f"{lsn} ({summary['seconds']:.1f}s)"}

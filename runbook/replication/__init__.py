@@ -3,6 +3,8 @@
 * :mod:`.leader` - which EC2 node leads (the app's database endpoint after failover 1);
 * :mod:`.risks` - the preflight risk register (severity, what tern does about each finding);
 * :mod:`.schema` - the schema copied to Aurora as its master role (no superuser there);
+* :mod:`.engines` - the engine interface and its two engines: ``native`` and ``dms`` (the stack's DMS task,
+  through :mod:`runbook.adapters.dms`); which one replicate-aurora used is recorded in its journal;
 * :mod:`.native` - native logical replication (publication on EC2, subscription on Aurora);
 * :mod:`.headroom` - does Aurora's apply keep up with the leader's writes (failover-aurora's preflight,
   ``invoke status``);

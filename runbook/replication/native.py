@@ -31,8 +31,9 @@ CREATE EVENT TRIGGER tern_ddl_guard ON ddl_command_start EXECUTE FUNCTION {TERN_
 """
 
 
-def prepare_leader(leader: PgHost, database: str, app_role: str, password: str) -> str:
-    """tern's schema and sentinel table (owned by the app's role), the replication role, the publication."""
+def prepare_leader(leader: PgHost, database: str, app_role: str, password: str, *, publication: bool = True) -> str:
+    """tern's schema and sentinel table (owned by the app's role), the replication role, the publication (not
+    for DMS, which decodes the leader's WAL through a slot of its own)."""
     exists = leader.query(f"SELECT 1 FROM pg_roles WHERE rolname = {literal(REPLICATION_ROLE)}")
     verb = "ALTER" if exists else "CREATE"
     leader.psql(BYPASS_GUARD
@@ -42,6 +43,8 @@ def prepare_leader(leader: PgHost, database: str, app_role: str, password: str) 
                 + f"CREATE TABLE IF NOT EXISTS {TERN_SCHEMA}.sentinel (run_id text PRIMARY KEY, "
                   "written_at timestamptz NOT NULL DEFAULT now());\n"
                 + f"ALTER TABLE {TERN_SCHEMA}.sentinel OWNER TO \"{app_role}\";\n", database=database)
+    if not publication:
+        return f"replication role {REPLICATION_ROLE} and {TERN_SCHEMA}.sentinel ready (no publication: DMS decodes the WAL)"
     if not leader.query(f"SELECT 1 FROM pg_publication WHERE pubname = {literal(PUBLICATION)}", database=database):
         leader.psql(BYPASS_GUARD + f"CREATE PUBLICATION {PUBLICATION} FOR ALL TABLES "
                     "WITH (publish_via_partition_root = true);", database=database)

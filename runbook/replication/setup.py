@@ -1,15 +1,24 @@
 """``invoke replicate-aurora``: set up and start replication from the EC2 leader into Aurora.
 
-Journaled steps (running it again resumes, or finds everything in place):
+Journaled steps (running it again resumes, or finds everything in place); the engine-specific ones go
+through the engine interface (:mod:`.engines`), and the engine is recorded in the run's context (``engine``)
+for ``invoke status`` and ``invoke failover-aurora``.
 
-1. ``preflight``: the risk register (:mod:`.risks`); a ``block`` finding refuses, nothing changed.
-2. ``prepare_leader``: tern's schema and sentinel table, the replication role, the publication.
+1. ``preflight``: the risk register (:mod:`.risks`; DMS adds its own: task settings, endpoints, LOB columns,
+   JSON(B) above 100 KB, types it carries as text, triggers, DDL capture); a ``block`` finding refuses,
+   nothing changed.
+2. ``prepare_leader``: tern's schema and sentinel table, the replication role, the publication (native only).
 3. ``aurora_role``: the app's role on Aurora (same password verifier), owner of its database.
-4. ``schema``: tables, sequences, types, functions, views and primary keys, as the app's role.
-5. ``subscribe``: the subscription on Aurora (initial copy of every table, then changes).
-6. ``initial_sync``: every table ready (streaming changes), bounded by ``restore_timeout``.
+4. ``schema``: tables, sequences, types, functions, views and primary keys, as the app's role (for DMS this is
+   its "do nothing" target preparation: the tables exist before the full load).
+5. native ``subscribe`` / DMS ``start_task``: :meth:`.engines.Engine.start` - the subscription on Aurora; or the
+   DMS source endpoint repointed at the leader (never the first instance) and the task started
+   (``start-replication`` the first time, ``resume-processing`` after).
+6. native ``initial_sync`` / DMS ``full_load``: :meth:`.engines.Engine.wait_synchronised`, bounded by
+   ``restore_timeout``.
 7. ``schema_after``: secondary indexes, foreign keys, triggers (after the copy: faster).
-8. ``ddl_guard``: DDL on the leader is refused from now on (an event trigger), since neither
+8. DMS only, ``validation``: DMS's per-table validation counts (failed, suspended records) - refused on any.
+9. ``ddl_guard``: DDL on the leader is refused from now on (an event trigger), since neither
    engine replicates DDL.
 """
 
@@ -25,11 +34,11 @@ from ..contract import Outputs
 from ..errors import ConfigError, PreflightError, RunbookError, StepError
 from ..failover.context import Context
 from ..journal import Journal, RunLock
-from ..polling import wait_until
 from ..secrets import resolve
 from ..settings import Settings
 from ..steps import Runner, Step
-from . import ENGINES, native, risks, schema
+from . import ENGINES, engines, native, risks, schema
+from .engines import STATUS_KEYS  # noqa: F401 - the status keys' historical home
 from .leader import aurora_master_url, leader, leader_url
 
 KIND = "replicate-aurora"
@@ -54,6 +63,7 @@ def preflight(ctx: Context) -> dict[str, Any]:
     findings = risks.register(pg, r.database, allowed_extensions=api.allowed_extensions(),
                               replica_identity_full=bool(ctx.data.get("replica_identity_full")),
                               target_has_data=has_data, max_lag_bytes=ctx.settings.max_lag_bytes)
+    findings = engines.for_run(ctx).risks(ctx, pg, r.database, findings)
     blocks = risks.blocking(findings)
     register = [f.to_json() for f in findings]
     if blocks:
@@ -64,7 +74,8 @@ def preflight(ctx: Context) -> dict[str, Any]:
             if f.risk.startswith("tables without a primary key"):
                 pg.psql(native.BYPASS_GUARD + "".join(f"ALTER TABLE {_qualified(t)} REPLICA IDENTITY FULL;\n"
                                                       for t in f.objects), database=r.database)
-    return {"leader": r.name, "risk_register": register,
+    slots = [row["s"] for row in pg.query("SELECT slot_name AS s FROM pg_replication_slots WHERE slot_type = 'logical'")]
+    return {"leader": r.name, "risk_register": register, "slots_before": slots,
             "detail": f"leader {r.name}; {len(findings)} findings, none blocking"}
 
 
@@ -75,7 +86,8 @@ def _qualified(name: str) -> str:
 
 def prepare_leader(ctx: Context) -> dict[str, Any]:
     password = resolve(ctx.outputs.credentials.replication_password)
-    what = native.prepare_leader(_leader(ctx), _db(ctx), schema.app_role(ctx.source_url()), password)
+    what = native.prepare_leader(_leader(ctx), _db(ctx), schema.app_role(ctx.source_url()), password,
+                                 publication=engines.for_run(ctx).publishes)
     return {"detail": what}
 
 
@@ -103,34 +115,19 @@ def copy_schema(ctx: Context) -> dict[str, Any]:
     return {"skipped_extensions": skipped, "detail": "tables, sequences, types, functions, views, primary keys" + note}
 
 
-def subscribe(ctx: Context) -> dict[str, Any]:
-    r = ctx.replica(ctx.data["leader"])
-    password = resolve(ctx.outputs.credentials.replication_password)
-    info = native.conninfo(r.host, r.port, r.database, password)
-    api = aurora_api_for(ctx.outputs.aurora)
-    with native.master_connection(aurora_master_url(ctx.outputs), ctx.settings.connect_timeout) as master:
-        what = native.subscribe(api, master, ctx.outputs.aurora.database, info)
-    return {"detail": what}
+def start(ctx: Context) -> dict[str, Any]:
+    """Start replicating (:meth:`.engines.Engine.start`: idempotent, first time or again)."""
+    return engines.for_run(ctx).start(ctx)
 
 
 def initial_sync(ctx: Context) -> dict[str, Any]:
-    t0 = time.monotonic()
-    with native.master_connection(aurora_master_url(ctx.outputs), ctx.settings.connect_timeout) as master:
-        last: dict[str, str] = {}
+    """Every table copied, changes streaming (:meth:`.engines.Engine.wait_synchronised`), bounded."""
+    return engines.for_run(ctx).wait_synchronised(ctx, ctx.settings.restore_timeout)
 
-        def ready() -> bool:
-            last.clear()
-            last.update(native.table_states(master))
-            if ctx.progress:
-                copying = sorted(t for t, s in last.items() if s != "r")
-                ctx.say(f"initial copy: {len(last) - len(copying)} of {len(last)} tables ready"
-                        + (f" (copying {', '.join(copying[:3])})" if copying else ""))
-            return bool(last) and all(s == "r" for s in last.values())
 
-        wait_until(ready, timeout=ctx.settings.restore_timeout, interval=1.0, what="every table's initial copy",
-                   last=lambda: ", ".join(f"{t}: {s}" for t, s in last.items() if s != "r"))
-    seconds = round(time.monotonic() - t0, 1)
-    return {"initial_sync_seconds": seconds, "detail": f"{len(last)} tables copied and streaming in {seconds}s"}
+def validation(ctx: Context) -> dict[str, Any]:
+    """DMS's validation counts (failed and suspended records, per table): any refuses."""
+    return engines.for_run(ctx).check_validation(ctx)
 
 
 def schema_after(ctx: Context) -> dict[str, Any]:
@@ -166,15 +163,25 @@ def guard_installed(ctx: Context) -> bool:
                                    "AND evtenabled <> 'D'", database=_db(ctx)))
 
 
-def plan() -> list[Step]:
+def plan(engine: str = "native") -> list[Step]:
+    if engine == "dms":
+        replicate = [Step("start_task", "DMS: the source endpoint follows the leader; start the task "
+                                        "(start-replication the first time, resume-processing after)", start),
+                     Step("full_load", "DMS: full load of every table, then changes (CDC)", initial_sync)]
+        checks = [Step("validation", "DMS: validation counts (failed, suspended records)", validation)]
+    else:
+        replicate = [Step("subscribe", "Aurora: the subscription", start),
+                     Step("initial_sync", "initial copy of every table", initial_sync)]
+        checks = []
     return [
         Step("preflight", "preflight: the risk register", preflight),
-        Step("prepare_leader", "leader: replication role, tern's sentinel, publication", prepare_leader),
+        Step("prepare_leader", "leader: replication role, tern's sentinel" + (", publication" if engine != "dms"
+                                                                                else ""), prepare_leader),
         Step("aurora_role", "Aurora: the app's role and its database", aurora_role),
         Step("schema", "Aurora: the schema (before the copy)", copy_schema),
-        Step("subscribe", "Aurora: the subscription", subscribe),
-        Step("initial_sync", "initial copy of every table", initial_sync),
+        *replicate,
         Step("schema_after", "Aurora: indexes, foreign keys, triggers (after the copy)", schema_after),
+        *checks,
         Step("ddl_guard", "leader: refuse DDL while replication runs", ddl_guard, check=guard_installed),
     ]
 
@@ -184,11 +191,8 @@ def replicate_aurora(outputs: Outputs, settings: Settings, *, engine: str = "nat
                      progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
-    if engine == "dms":
-        if outputs.dms is None:
-            raise ConfigError("engine dms needs the stack's DMS task (outputs.dms); the sandbox runs native")
-        raise ConfigError("engine dms: start the Pulumi-declared DMS task with the DMS adapter "
-                          "(runbook/adapters/dms.py); tern's sandbox rehearses the native engine")
+    if engine == "dms" and outputs.dms is None:
+        raise ConfigError("engine dms needs the stack's DMS task (outputs.dms); the sandbox runs native")
     app = app_for(outputs.app)
     state_dir = Path(settings.state_dir)
     source = leader_url(app, outputs)
@@ -197,7 +201,8 @@ def replicate_aurora(outputs: Outputs, settings: Settings, *, engine: str = "nat
         ctx = Context(outputs, settings, app, journal, data=journal.context(), progress=progress,
                       source_override=source)
         ctx.data["replica_identity_full"] = replica_identity_full
-        runner = Runner(journal, plan(), confirm=lambda q: True, falls_back=False)
+        ctx.data.setdefault("engine", engine)
+        runner = Runner(journal, plan(ctx.data["engine"]), confirm=lambda q: True, falls_back=False)
         rows = [{"step": s.name, "title": s.title, "state": st} for s, st in runner.plan(ctx)]
         try:
             register = preflight(ctx)["risk_register"]
@@ -209,12 +214,19 @@ def replicate_aurora(outputs: Outputs, settings: Settings, *, engine: str = "nat
         journal = Journal.current(state_dir, KIND)
         if journal is None:
             journal = Journal.create(state_dir, KIND, engine=engine, replica_identity_full=replica_identity_full)
-        elif progress:
-            progress(f"resuming run {journal.run_id}")
+        else:
+            started_with = journal.context().get("engine") or "native"
+            if started_with != engine:
+                raise ConfigError(f"run {journal.run_id} is in progress with engine {started_with}; run again with "
+                                  f"--engine {started_with} to resume it")
+            if progress:
+                progress(f"resuming run {journal.run_id}")
         ctx = Context(outputs, settings, app, journal, data=journal.context(), progress=progress,
                       source_override=source)
         ctx.data["replica_identity_full"] = replica_identity_full
-        runner = Runner(journal, plan(), confirm=lambda q: True, falls_back=False, progress=progress or (lambda m: None))
+        ctx.data.setdefault("engine", engine)
+        runner = Runner(journal, plan(engine), confirm=lambda q: True, falls_back=False,
+                        progress=progress or (lambda m: None))
         try:
             runner.run(ctx)
         except StepError as exc:
@@ -228,83 +240,33 @@ def replicate_aurora(outputs: Outputs, settings: Settings, *, engine: str = "nat
         finally:
             ctx.close()
     data = journal.context()
-    return {"run_id": journal.run_id, "kind": KIND, "outcome": "completed", "leader": data.get("leader"),
-            "risk_register": data.get("risk_register"), "initial_sync_seconds": data.get("initial_sync_seconds"),
-            "steps": [{"name": s.name, "outcome": s.outcome, "detail": s.detail} for s in journal.steps()]}
-
-
-# ``invoke status``'s ``replication`` keys (documented in runbook/status.py and the README)
-STATUS_KEYS = ("state", "engine", "leader", "subscription", "enabled", "tables", "tables_ready", "tables_total",
-               "leader_lsn", "confirmed_lsn", "applied_lsn", "lag_bytes", "lag_seconds", "slot_active", "wal_status",
-               "safe_wal_size", "sample_seconds", "write_bytes_per_second", "apply_bytes_per_second", "headroom",
-               "caught_up", "note", "error")
+    result = {"run_id": journal.run_id, "kind": KIND, "outcome": "completed", "engine": engine,
+              "leader": data.get("leader"), "risk_register": data.get("risk_register"),
+              "initial_sync_seconds": data.get("initial_sync_seconds"),
+              "steps": [{"name": s.name, "outcome": s.outcome, "detail": s.detail} for s in journal.steps()]}
+    if engine == "dms":   # the outputs contract's names for what ran (ARNs, never a credential)
+        d = outputs.dms
+        result["dms"] = {"region": d.region, "replication_task_arn": d.replication_task_arn,
+                         "replication_instance_arn": d.replication_instance_arn,
+                         "source_endpoint_arn": d.source_endpoint_arn, "target_endpoint_arn": d.target_endpoint_arn,
+                         "start": data.get("dms_start"), "source": data.get("dms_source"), "slot": data.get("dms_slot"),
+                         "validation": data.get("validation")}
+    return result
 
 
 def replication_status(outputs: Outputs, *, timeout: float, sample_seconds: float,
-                       sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
-    """For ``invoke status``: replication into Aurora as it is now. Never raises: what it cannot see, it says.
-
-    Per-table sync state (``pg_subscription_rel.srsubstate`` on Aurora); lag from the leader's *current*
-    LSN to what Aurora confirmed (the slot's ``confirmed_flush_lsn``), in bytes and in seconds
-    (:func:`.headroom.lag_seconds`); the leader's write rate and Aurora's apply rate over a sample of
-    ``sample_seconds`` (taken only while the subscription is enabled), and their ratio."""
+                       sleep: Callable[[float], None] = time.sleep, state_dir=None) -> dict[str, Any]:
+    """For ``invoke status``: replication into Aurora as it is now, through the engine replicate-aurora recorded
+    in ``state_dir`` (native when none; :func:`.engines.for_status`). Never raises: what it cannot see, it says."""
     from ..redact import redact
-    from ..status import replica_host
-    from . import SUBSCRIPTION
-    from . import headroom as headroom_mod
 
-    out: dict[str, Any] = dict.fromkeys(STATUS_KEYS)
-    out.update(state="not set up", engine="native", subscription=SUBSCRIPTION, tables={})
+    engine = engines.for_status(outputs, state_dir)
+    out = engines.blank_status(engine.name)
+    if engine.name == "native":
+        out["subscription"] = native.SUBSCRIPTION
     try:
         r = leader(app_for(outputs.app), outputs)
     except RunbookError as exc:
         out["note"] = f"no EC2 leader to replicate from yet: {redact(exc)}"
         return out
-    out["leader"] = r.name
-    try:
-        with native.master_connection(aurora_master_url(outputs), timeout) as master:
-            enabled = native.subscription_enabled(master)
-            if enabled is None:
-                out["note"] = "no subscription on Aurora: run `invoke replicate-aurora`"
-                return out
-            out["tables"] = native.table_states(master)
-    except RunbookError as exc:
-        out.update(state="unreachable", error=f"aurora: {redact(exc)}")
-        return out
-    states = out["tables"]
-    out.update(enabled=enabled, tables_total=len(states), tables_ready=sum(1 for v in states.values() if v == "r"))
-    try:
-        pg = replica_host(r)
-        first, last = native.sample(pg, sample_seconds, sleep) if enabled else (None, native.lag(pg))
-    except RunbookError as exc:
-        out.update(state="unreachable", error=f"{r.name}: {redact(exc)}")
-        return out
-    out.update(leader_lsn=last["leader_lsn"], confirmed_lsn=last["confirmed_lsn"], applied_lsn=last["applied_lsn"],
-               lag_bytes=last["lag_bytes"], slot_active=last["active"], wal_status=last["wal_status"],
-               safe_wal_size=last["safe_wal_size"])
-    if first is not None and last["slot"]:
-        a, b = headroom_mod.Look.of(first), headroom_mod.Look.of(last)
-        measured = headroom_mod.measure(a, b)
-        figures = measured.to_json()
-        out.update(sample_seconds=figures["sample_seconds"], write_bytes_per_second=figures["write_bytes_per_second"],
-                   apply_bytes_per_second=figures["apply_bytes_per_second"], headroom=figures["headroom"],
-                   caught_up=figures["caught_up"], lag_seconds=headroom_mod.lag_seconds(a, b, last["replay_lag"]))
-    elif last["lag_bytes"] == 0:
-        out["lag_seconds"] = 0.0
-    if not last["slot"]:
-        out["state"] = "slot missing"
-        out["note"] = f"the replication slot {SUBSCRIPTION} is gone from {r.name}: set up replication again"
-    elif last["wal_status"] == "lost":
-        out["state"] = "slot lost"
-        out["note"] = f"the slot {SUBSCRIPTION} on {r.name} lost WAL Aurora needs: set up replication again"
-    elif not enabled:
-        out["state"] = "disabled"
-        out["note"] = "the subscription on Aurora is disabled (failover-aurora disables it at its switch-over)"
-    elif out["tables_ready"] < out["tables_total"] or not states:
-        out["state"] = "initial copy"
-    elif not last["active"]:
-        out["state"] = "not streaming"
-        out["note"] = f"no apply worker uses the slot {SUBSCRIPTION}: see Aurora's log"
-    else:
-        out["state"] = "streaming"
-    return out
+    return engine.status(r, timeout=timeout, sample_seconds=sample_seconds, sleep=sleep)

@@ -6,7 +6,7 @@ from invoke import task
 from rich.table import Table
 
 from .. import status as status_mod
-from .common import out, outputs, parse_name, print_json, settings, task_errors
+from .common import out, outputs, parse_name, print_json, settings, stack_settings, task_errors
 
 
 @task(name="outputs", help={"stack": "local (the sandbox, default), a .json outputs file, or a Pulumi stack name"})
@@ -21,9 +21,11 @@ def show_outputs(c, stack=None):
 def status(c, stack=None, json=False):
     """Every node's role, timeline, LSN and lag; the app's formation and maintenance; the ledger; replication
     into Aurora (per-table state, lag from the EC2 leader's current LSN, apply rate against write rate)."""
-    o = outputs(c, parse_name("stack", stack))
-    s = settings(c)
-    data = status_mod.gather(o, timeout=s.connect_timeout, sample_seconds=s.apply_sample_seconds)
+    stack = parse_name("stack", stack)
+    o = outputs(c, stack)
+    s = stack_settings(settings(c), stack)
+    data = status_mod.gather(o, timeout=s.connect_timeout, sample_seconds=s.apply_sample_seconds,
+                             state_dir=s.state_dir)
     if json:
         print_json(data)
         return
@@ -68,12 +70,23 @@ def render_replication(rep, out=out) -> None:
         table.add_column("state")
         from ..replication.native import STATES
 
-        shown = sorted(tables.items(), key=lambda kv: (kv[1] == "r", kv[0]))
+        done = "Table completed" if rep.get("engine") == "dms" else "r"
+        shown = sorted(tables.items(), key=lambda kv: (kv[1] == done, kv[0]))
         for name, state in shown[:40]:
-            table.add_row(name, f"{state} ({STATES.get(state, '?')})")
+            table.add_row(name, state if rep.get("engine") == "dms" else f"{state} ({STATES.get(state, '?')})")
         out.print(table)
         if len(shown) > 40:
             out.print(f"... and {len(shown) - 40} more tables ready", markup=False)
+    task = rep.get("task")
+    if task:
+        out.print(f"DMS task {task['status']}" + (f" ({task['stop_reason']})" if task.get("stop_reason") else "")
+                  + f": full load {task.get('full_load_percent') or 0}%, {task.get('tables_loaded') or 0} tables loaded, "
+                    f"{task.get('tables_errored') or 0} errored", markup=False)
+    summary = (rep.get("validation") or {}).get("summary")
+    if summary:
+        out.print(f"DMS validation: {summary['validated']} tables validated, {summary['failed_records']:,} failed, "
+                  f"{summary['suspended_records']:,} suspended, {summary['pending_records']:,} pending records",
+                  markup=False)
     if rep.get("lag_bytes") is not None:
         secs = "?" if rep.get("lag_seconds") is None else f"{rep['lag_seconds']:.2f} s"
         out.print(f"lag behind {rep['leader']}'s current LSN {rep['leader_lsn']}: {rep['lag_bytes']:,} bytes, {secs} "

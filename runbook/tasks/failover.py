@@ -206,8 +206,9 @@ def render_report(r, out=out) -> None:
         else:
             where = f" against {full.get('standby') or full.get('witness')}" if (full.get("standby") or
                                                                                    full.get("witness")) else ""
+            rows = "" if full.get("rows") is None else f"{full['rows']:,} rows, "   # DMS's validation counts none
             out.print(f"full verification{where}: {'equal' if full['ok'] else 'DIFFERENT'} ({full['tables']} tables, "
-                      f"{full['rows']:,} rows, {full.get('seconds', 0):.1f} s)", markup=False)
+                      f"{rows}{full.get('seconds', 0):.1f} s)", markup=False)
     for name, why in (r.get("repoint_failures") or {}).items():
         out.print(f"warning: {name}: {why}", style="yellow", markup=False)
 

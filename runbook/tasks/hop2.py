@@ -28,15 +28,17 @@ def render_register(register, show) -> None:
 
 
 @task(name="replicate-aurora",
-      help={"engine": f"{' | '.join(ENGINES)} (default native)", "dry_run": "print the risk register and the plan",
+      help={"engine": f"{' | '.join(ENGINES)} (default native; dms drives the stack's DMS task)",
+            "dry_run": "print the risk register and the plan",
             "replica_identity_full": "replicate tables without a primary key with REPLICA IDENTITY FULL (slower)",
             "stack": STACK_HELP, "json": "the result as JSON on stdout"})
 @task_errors
 def replicate_aurora(c, engine=None, dry_run=False, replica_identity_full=False, stack=None, json=False):
     """Set up and start replication from the EC2 leader into Aurora (safe to run again).
 
-    Preflight risk register, the app's role and schema on Aurora, publication and subscription,
-    the initial copy, indexes after it, and a DDL guard on the leader.
+    Preflight risk register, the app's role and schema on Aurora, publication and subscription (or,
+    with --engine dms, the DMS task's source endpoint moved to the leader and the task started), the
+    initial copy, indexes after it, (DMS: its validation counts), and a DDL guard on the leader.
     """
     stack = parse_name("stack", stack)
     engine = parse_choice("engine", engine, ENGINES) or "native"

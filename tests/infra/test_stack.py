@@ -190,8 +190,16 @@ def test_dms_endpoints_and_task(built):
         assert settings["TargetMetadata"]["FullLobMode"] is True          # never limited LOB mode
         assert settings["ValidationSettings"]["EnableValidation"] is True
         assert settings["Logging"]["EnableLogging"] is True
+        assert settings["ChangeProcessingTuning"]["BatchApplyEnabled"] is False   # the sentinel proof: commit order
+        assert settings["ControlTablesSettings"]["ControlSchema"] == "tern"       # left out of tern's verification
         rules = json.loads(task["tableMappings"])["rules"]
         assert rules[0]["object-locator"]["schema-name"] == "public"
+        assert {"schema-name": "tern", "table-name": "sentinel"} in [r["object-locator"] for r in rules
+                                                                     if r["rule-action"] == "include"]
+        pg_source = source["postgresSettings"]
+        assert pg_source["captureDdls"] is False and pg_source["pluginName"] == "test_decoding"
+        assert not pg_source.get("heartbeatEnable")
+        assert "session_replication_role = replica" in target["postgresSettings"]["afterConnectScript"]
         return True
 
     return all_registered(stack).apply(check)

@@ -321,7 +321,7 @@ def test_follow_leader_rewrites_host_and_port_keeps_credentials_and_tests_the_co
                                 poll_interval=1.0)
     assert task.source_secret.startswith("aws-secretsmanager:") and secret_arn_of(task.source_secret) == secret
     result = task.follow_leader("10.0.2.20", 5433, timeout=30)
-    assert result == {"host": "10.0.2.20", "port": 5433, "changed": True, "connection": "successful"}
+    assert result == {"host": "10.0.2.20", "port": 5433, "changed": True, "connection": "successful", "via": "secret"}
     assert json.loads(sm.get_secret_value(SecretId=secret)["SecretString"]) == {
         "username": "tern_replicator", "password": PASSWORD, "host": "10.0.2.20", "port": 5433}
     conns = dms.describe_connections()["Connections"]
@@ -342,6 +342,19 @@ def test_follow_leader_refuses_a_running_task_and_changes_nothing(aws):
         DmsTask.from_outputs(SimpleNamespace(stack="local", dms=None), dms=dms)
 
 
+ENDPOINT = {"Filters": [{"Name": "endpoint-arn", "Values": [SOURCE]}]}
+
+
+def endpoint_with_secret(secret: str | None, **kw) -> dict:
+    """A DescribeEndpoints entry for the source, as DMS documents it (a secret, or ServerName/Port)."""
+    ep = {"EndpointArn": SOURCE, "EndpointIdentifier": "tern-dms-source", "EndpointType": "SOURCE",
+          "EngineName": "postgres", "DatabaseName": "app", "Status": "active", **kw}
+    if secret:
+        ep["PostgreSQLSettings"] = {"SecretsManagerSecretId": secret,
+                                    "SecretsManagerAccessRoleArn": "arn:aws:iam::123456789012:role/tern-dms-secrets"}
+    return ep
+
+
 def test_follow_leader_fails_with_the_connection_tests_message_never_the_password():
     dms, sm = offline("dms"), offline("secretsmanager")
     secret = "arn:aws:secretsmanager:us-east-1:123456789012:secret:tern-replication-AbCdEf"
@@ -353,6 +366,7 @@ def test_follow_leader_fails_with_the_connection_tests_message_never_the_passwor
     with Stubber(dms) as d_stub, Stubber(sm) as s_stub:
         # the secret already names the new leader: not rewritten, but the connection is still proven
         d_stub.add_response("describe_replication_tasks", described("stopped"), DESCRIBE)
+        d_stub.add_response("describe_endpoints", {"Endpoints": [endpoint_with_secret(secret)]}, ENDPOINT)
         s_stub.add_response("get_secret_value", {"ARN": secret, "SecretString": json.dumps(value)},
                             {"SecretId": secret})
         d_stub.add_response("test_connection", {"Connection": {**conn, "Status": "testing"}},
@@ -362,6 +376,7 @@ def test_follow_leader_fails_with_the_connection_tests_message_never_the_passwor
             f"FATAL: password authentication failed for user tern_replicator (password={PASSWORD})"}]}, filters)
         # a new leader: rewritten (every other key kept), then a test that never finishes: bounded
         d_stub.add_response("describe_replication_tasks", described("failed"), DESCRIBE)
+        d_stub.add_response("describe_endpoints", {"Endpoints": [endpoint_with_secret(secret)]}, ENDPOINT)
         s_stub.add_response("get_secret_value", {"ARN": secret, "SecretString": json.dumps(value)},
                             {"SecretId": secret})
         s_stub.add_response("put_secret_value", {"ARN": secret}, {"SecretId": secret, "SecretString": json.dumps(

@@ -270,6 +270,10 @@ class FakeCtx:
     def say(self, message):
         self.said.append(message)
 
+    def checkpoint(self, **fields):   # what the runner does for a real context
+        self.journal.record("repoint", "progress", context=fields)
+        self.data.update(fields)
+
 
 def before_fork(node):
     return {"in_recovery": True, "replay_lsn": "0/5000A28", "receive_lsn": None, "timeline": 2,
