@@ -33,6 +33,8 @@ class HostCommands(ABC):
     """
 
     name: str
+    #: whether tern, where it runs, reaches the server's unix socket as its superuser (the sandbox)
+    local_socket: bool = False
 
     @abstractmethod
     def run(self, argv: Sequence[str], *, timeout: float, input: str | None = None,

@@ -259,6 +259,10 @@ class AuroraApi(ABC):
     refused (:class:`~runbook.errors.ConfigError`, nothing run) before anything reaches the server.
     """
 
+    #: the TLS mode a client (e.g. the reverse subscription) uses to reach the writer: AWS forces TLS
+    #: (``rds.force_ssl``); the sandbox's stand-in has no certificate
+    sslmode: str = "require"
+
     name = "aurora"
 
     @abstractmethod
@@ -336,6 +340,8 @@ LOCAL_TRANSLATIONS: dict[str, dict[str, tuple[str, str]]] = {
 
 class LocalAuroraApi(AuroraApi):
     """The sandbox's RDS stand-in: the Aurora node's superuser over its unix socket (``aurora.api.kind == local``)."""
+
+    sslmode = "prefer"
 
     def __init__(self, aurora: contract.Aurora, *, sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic) -> None:

@@ -37,6 +37,8 @@ def effective_os_user(os_user: str) -> str:
 
 
 class LocalHost(HostCommands):
+    local_socket = True
+
     def __init__(self, name: str, os_user: str = "postgres") -> None:
         self.name = name
         self.os_user = os_user

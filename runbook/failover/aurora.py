@@ -284,8 +284,7 @@ def start_reverse(ctx: Context, leader_pg, db: str) -> str:
                                .format(sql.Identifier(REVERSE), sql.SQL(", ").join(sql.SQL(t) for t in tables)))
     if not leader_pg.query(f"SELECT 1 FROM pg_subscription WHERE subname = {literal(REVERSE)}", database=db):
         a = ctx.outputs.aurora
-        # TLS to Aurora on AWS (rds.force_ssl); the sandbox's stand-in has no certificate
-        tls = "prefer" if a.api is not None and a.api.kind == "local" else "require"
+        tls = aurora_api_for(a).sslmode   # TLS to Aurora on AWS (rds.force_ssl)
         info = native.conninfo(a.writer_endpoint, a.port, a.database, resolve(a.master_password),
                                user=a.master_user, sslmode=tls)
         leader_pg.psql(native.BYPASS_GUARD + "SET default_transaction_read_only = off;\n"

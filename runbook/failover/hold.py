@@ -85,8 +85,7 @@ def release(pg: PgHost, *, stop_timeout: float, start_timeout: float, restore_co
 def read_url(ctx: Context, name: str) -> str:
     """How to read a held standby: as its superuser over the local socket where tern can (a standby
     carries its primary's fence, and hop 1's seal), else with the app's role over TLS."""
-    r = ctx.replica(name)
-    if r.commands.kind == "local":
-        pg = ctx.pg(name)
-        return f"postgresql://{pg._user()}@/{r.database}?host={pg.socket_dir}&port={pg.port}"
+    pg = ctx.pg(name)
+    if pg.host.local_socket:
+        return f"postgresql://{pg._user()}@/{ctx.replica(name).database}?host={pg.socket_dir}&port={pg.port}"
     return ctx.replica_url(name)

@@ -357,3 +357,21 @@ def test_rds_query_is_read_only_json(monkeypatch):
         [{"subname": "s", "received_lsn": "0/1"}]
     assert "default_transaction_read_only=on" in opened[0]
     assert calls[0].startswith("SELECT coalesce(json_agg(t), '[]'::json) FROM (SELECT subname")
+
+
+def test_adapters_say_how_they_are_reached_so_plans_never_check_their_kind():
+    """No adapter detail inside a plan: the TLS mode to Aurora and whether tern reaches a server's socket
+    come from the adapters (the plans once compared ``kind == "local"``)."""
+    import re
+    from pathlib import Path
+
+    from runbook.adapters.aurora import LocalAuroraApi, RdsAuroraApi
+    from runbook.adapters.local_host import LocalHost
+    from runbook.adapters.ssm_host import SsmHost
+
+    assert (LocalAuroraApi.sslmode, RdsAuroraApi.sslmode) == ("prefer", "require")
+    assert LocalHost.local_socket is True and SsmHost.local_socket is False
+    plans = Path(__file__).resolve().parents[2] / "runbook" / "failover"
+    offenders = [f"{p.name}:{n}" for p in plans.glob("*.py")
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\.kind == ['\"]", line)]
+    assert offenders == []
