@@ -31,7 +31,7 @@ from typing import Any, Callable
 from ..adapters import app_for
 from ..adapters.aurora import aurora_api_for
 from ..contract import Outputs
-from ..errors import ConfigError, PreflightError, RunbookError, StepError
+from ..errors import ConfigError, PreflightError, Refused, RunbookError, StepError
 from ..failover.context import Context
 from ..journal import Journal, RunLock
 from ..secrets import resolve
@@ -236,6 +236,7 @@ def replicate_aurora(outputs: Outputs, settings: Settings, *, engine: str = "nat
                 cause.context.get("register") if isinstance(cause, PreflightError) else None)
             if exc.context.get("step") == "preflight":
                 journal.finish("refused", str(exc))   # nothing changed: the next run starts afresh
+                raise Refused(str(exc), **exc.context) from exc.__cause__   # an unmet precondition: exit 2
             raise
         finally:
             ctx.close()

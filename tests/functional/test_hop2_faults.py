@@ -123,3 +123,26 @@ def test_burst_just_before_the_fence_loses_nothing(replicating):
 
     report, exc = outcome_is_safe(e, run(e, {"before:stop_workers": burst}))
     assert exc is None and report["outcome"] == "completed"
+
+
+def test_aurora_unreachable_is_a_clear_error_and_changes_nothing(hop2):  # noqa: F811
+    from tests.conftest import run_invoke
+
+    e = hop2
+    before = e.app_url()
+    e.sb.node("aurora").stop(mode="fast", timeout=30)
+    try:
+        res = run_invoke("replicate-aurora", "--replica-identity-full", sandbox_dir=e.sb.root,
+                         state_dir=e.root / "state")
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert "Traceback" not in res.stderr and "aurora" in res.stderr.lower()
+        res = run_invoke("failover-aurora", "--yes", sandbox_dir=e.sb.root, state_dir=e.root / "state")
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert "Traceback" not in res.stderr
+    finally:
+        e.sb.node("aurora").start(timeout=60)
+    with superuser(e, leader_name(e)) as conn:   # nothing set up on the leader, the app untouched
+        assert conn.execute("SELECT count(*) FROM pg_publication").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'tern%'").fetchone()[0] == 0
+    assert e.app_url() == before and not e.sb.app().maintenance()
+    assert_nothing_lost(e)
