@@ -203,7 +203,7 @@ class NativeEngine(Engine):
                             + (f" (copying {', '.join(copying[:3])})" if copying else ""))
                 return bool(last) and all(s == "r" for s in last.values())
 
-            wait_until(ready, timeout=timeout, interval=1.0, what="every table's initial copy",
+            wait_until(ready, timeout=timeout, interval=0.2, what="every table's initial copy",
                        last=lambda: ", ".join(f"{t}: {s}" for t, s in last.items() if s != "r"))
         seconds = round(time.monotonic() - t0, 1)
         return {"initial_sync_seconds": seconds, "detail": f"{len(last)} tables copied and streaming in {seconds}s"}

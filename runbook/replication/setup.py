@@ -24,9 +24,12 @@ for ``invoke status`` and ``invoke failover-aurora``.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+from psycopg import sql
 
 from ..adapters import app_for
 from ..adapters.aurora import aurora_api_for
@@ -130,27 +133,54 @@ def validation(ctx: Context) -> dict[str, Any]:
     return engines.for_run(ctx).check_validation(ctx)
 
 
+INDEX_JOBS = 2                    # indexes built at once on Aurora after the copy (as pgcopydb's --index-jobs)
+INDEX_MAINTENANCE_WORK_MEM = "512MB"   # per index build (Aurora's default is 64 MB)
+
+
 def schema_after(ctx: Context) -> dict[str, Any]:
+    """Indexes (``INDEX_JOBS`` at once, each with ``INDEX_MAINTENANCE_WORK_MEM``), then foreign keys,
+    triggers and the rest, in dump order, after the initial copy."""
+    from concurrent.futures import ThreadPoolExecutor
+
     _, rest = schema.split_post_data(schema.dump(_leader(ctx), _db(ctx), "post-data"))
     role = schema.app_role(ctx.source_url())
-    done = skipped = 0
-    with native.master_connection(aurora_master_url(ctx.outputs), ctx.settings.connect_timeout) as master:
-        for kind, body in schema.entries(rest):
-            for attempt in range(5):
-                try:
-                    schema.restore(master, schema.preamble(rest) + body, role, kind.lower())
-                    done += 1
-                except Exception as exc:  # noqa: BLE001 - already there (a resumed run) is fine
-                    if "already exists" in str(exc):
-                        skipped += 1
-                    elif "deadlock detected" in str(exc) and attempt < 4:
-                        time.sleep(0.5 * (attempt + 1))   # the apply worker held the table: try again
-                        continue
-                    else:
-                        raise
-                break
-    return {"detail": f"{done} indexes, foreign keys and triggers created" + (f", {skipped} already there"
-                                                                             if skipped else "")}
+    head = schema.preamble(rest)
+    items = schema.entries(rest)
+    indexes = [(k, b) for k, b in items if k == "INDEX"]
+    others = [(k, b) for k, b in items if k != "INDEX"]
+    counts = {"done": 0, "skipped": 0}
+    lock = threading.Lock()
+
+    def apply(master, kind: str, body: str) -> None:
+        for attempt in range(5):
+            try:
+                schema.restore(master, head + body, role, kind.lower())
+                with lock:
+                    counts["done"] += 1
+            except Exception as exc:  # noqa: BLE001 - already there (a resumed run) is fine
+                if "already exists" in str(exc):
+                    with lock:
+                        counts["skipped"] += 1
+                elif "deadlock detected" in str(exc) and attempt < 4:
+                    time.sleep(0.5 * (attempt + 1))   # the apply worker held the table: try again
+                    continue
+                else:
+                    raise
+            return
+
+    def build(share: list[tuple[str, str]]) -> None:
+        with native.master_connection(aurora_master_url(ctx.outputs), ctx.settings.connect_timeout) as master:
+            master.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(INDEX_MAINTENANCE_WORK_MEM)))
+            for kind, body in share:
+                apply(master, kind, body)
+
+    jobs = max(1, min(INDEX_JOBS, len(indexes)))
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for f in [pool.submit(build, indexes[i::jobs]) for i in range(jobs)]:
+            f.result()
+    build(others)   # foreign keys need their referenced keys; triggers last, as the dump orders them
+    return {"detail": f"{counts['done']} indexes, foreign keys and triggers created ({jobs} index builds at once)"
+                      + (f", {counts['skipped']} already there" if counts["skipped"] else "")}
 
 
 def ddl_guard(ctx: Context) -> dict[str, Any]:
