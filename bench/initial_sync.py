@@ -7,8 +7,8 @@ as the app would, and write to the same Aurora stand-in server:
 
 1. ``pgcopydb clone`` into a fresh empty database there (``pgcopydb_target``, owned by Aurora's
    master role, no superuser: the role tern uses too), with as many table jobs as tern's
-   parallelism (the server's ``max_sync_workers_per_subscription``) and, by default, one index
-   job (tern builds its indexes one at a time); the database is then dropped and Aurora
+   parallelism (the server's ``max_sync_workers_per_subscription``) and as many index jobs as
+   tern's (``INDEX_JOBS`` in runbook/replication/setup.py); the database is then dropped and Aurora
    checkpointed;
 2. ``replicate-aurora``: schema, subscription, initial copy of every table, then indexes,
    foreign keys and triggers, until every table streams.
@@ -45,6 +45,7 @@ from runbook.contract import load  # noqa: E402
 from runbook.failover.run import failover_ec2  # noqa: E402
 from runbook.journal import Journal  # noqa: E402
 from runbook.replication import native  # noqa: E402
+from runbook.replication.setup import INDEX_JOBS, INDEX_MAINTENANCE_WORK_MEM  # noqa: E402
 from runbook.replication.leader import aurora_master_url  # noqa: E402
 from runbook.replication.setup import replicate_aurora  # noqa: E402
 from runbook.restore import restore_all  # noqa: E402
@@ -69,8 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale", type=int, default=None, help="sandbox scale instead of --size-gb")
     p.add_argument("--table-jobs", type=int, default=None,
                    help="pgcopydb --table-jobs (default: tern's, max_sync_workers_per_subscription on Aurora)")
-    p.add_argument("--index-jobs", type=int, default=1,
-                   help="pgcopydb --index-jobs (default 1: tern creates its indexes one at a time)")
+    p.add_argument("--index-jobs", type=int, default=INDEX_JOBS,
+                   help=f"pgcopydb --index-jobs (default {INDEX_JOBS}: as many as tern builds at once)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON on stdout (the human lines "
                                                        "go to stderr)")
     a = p.parse_args(argv)
@@ -274,8 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"tern / pgcopydb: {ratio:.2f}x; goal: tern no slower than pgcopydb: "
             f"{'met' if fig['goal_met'] else 'not met'}")
         say(f"same source (the EC2 leader over TLS), same target server, {jobs} table jobs each; differences: "
-            f"tern builds indexes one at a time after every copy ended (pgcopydb: {a.index_jobs} index job(s), "
-            f"started as each table's copy ends), at Aurora's maintenance_work_mem ({mwm}; pgcopydb sets 1 GB); "
+            f"tern builds its indexes {INDEX_JOBS} at a time once every copy ended, at {INDEX_MAINTENANCE_WORK_MEM} "
+            f"(pgcopydb: {a.index_jobs} index job(s), started as each table's copy ends, at 1 GB; Aurora's "
+            f"default maintenance_work_mem is {mwm}); "
             f"pgcopydb also runs VACUUM ANALYZE on every table, tern does not; tern's apply workers run in "
             f"the server, pgcopydb's COPY crosses a TCP connection")
         if a.json:
