@@ -34,7 +34,7 @@ def test_failover_aurora_arguments_and_summary():
 def test_initial_sync_arguments_and_scale():
     m = bench("initial_sync")
     a = m.parse_args([])
-    assert (a.size_gb, a.scale, a.table_jobs, a.index_jobs) == (1.0, None, None, 1)
+    assert (a.size_gb, a.scale, a.table_jobs, a.index_jobs) == (1.0, None, None, m.INDEX_JOBS)
     assert 140 <= m.scale_for(1.0) <= 160 and m.scale_for(0.001) == 1
     with pytest.raises(SystemExit):
         m.parse_args(["--size-gb", "0"])
