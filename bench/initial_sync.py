@@ -275,8 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"tern / pgcopydb: {ratio:.2f}x; goal: tern no slower than pgcopydb: "
             f"{'met' if fig['goal_met'] else 'not met'}")
         say(f"same source (the EC2 leader over TLS), same target server, {jobs} table jobs each; differences: "
-            f"tern builds its indexes {INDEX_JOBS} at a time once every copy ended, at {INDEX_MAINTENANCE_WORK_MEM} "
-            f"(pgcopydb: {a.index_jobs} index job(s), started as each table's copy ends, at 1 GB; Aurora's "
+            f"both build a table's indexes as its copy ends, tern {INDEX_JOBS} at a time at "
+            f"{INDEX_MAINTENANCE_WORK_MEM}, pgcopydb {a.index_jobs} at a time at 1 GB (Aurora's "
             f"default maintenance_work_mem is {mwm}); "
             f"pgcopydb also runs VACUUM ANALYZE on every table, tern does not; tern's apply workers run in "
             f"the server, pgcopydb's COPY crosses a TCP connection")

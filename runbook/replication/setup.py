@@ -24,8 +24,10 @@ for ``invoke status`` and ``invoke failover-aurora``.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
 
@@ -124,8 +126,103 @@ def start(ctx: Context) -> dict[str, Any]:
 
 
 def initial_sync(ctx: Context) -> dict[str, Any]:
-    """Every table copied, changes streaming (:meth:`.engines.Engine.wait_synchronised`), bounded."""
-    return engines.for_run(ctx).wait_synchronised(ctx, ctx.settings.restore_timeout)
+    """Every table copied, changes streaming (:meth:`.engines.Engine.wait_synchronised`), bounded.
+
+    Native engine: each table's indexes are built as soon as its copy ended, while the other tables
+    still copy (as pgcopydb does); what this misses, schema_after builds."""
+    engine = engines.for_run(ctx)
+    builder = IndexBuilder(ctx) if engine.name == "native" else None
+    if builder is not None:
+        builder.start()
+    try:
+        result = engine.wait_synchronised(ctx, ctx.settings.restore_timeout)
+    finally:
+        if builder is not None:
+            builder.finish()
+    if builder is not None and builder.built:
+        result["detail"] = result.get("detail", "") + f"; {builder.built} indexes built as their tables finished"
+    return result
+
+
+CONSTRAINT_TABLE = re.compile(r'ALTER TABLE (?:ONLY )?((?:"[^"]+"|[^\s."(]+)\.(?:"[^"]+"|[^\s"(]+))')
+INDEX_TABLE = re.compile(r'\bON (?:ONLY )?((?:"[^"]+"|[^\s."(]+)\.(?:"[^"]+"|[^\s"(]+))')
+
+
+class IndexBuilder:
+    """Builds the leader's secondary indexes on Aurora table by table, as each table's initial copy ends
+    (state ``s`` or ``r``), ``INDEX_JOBS`` at a time. Best effort: an index it could not build is left to
+    schema_after, which builds whatever is missing and reports what fails."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        _, rest = schema.split_post_data(schema.dump(_leader(ctx), _db(ctx), "post-data"))
+        self.head = schema.preamble(rest)
+        self.role = schema.app_role(ctx.source_url())
+        self.pending: dict[str, list[str]] = {}
+        for kind, body in schema.entries(rest):
+            m = None
+            if kind == "INDEX":
+                m = INDEX_TABLE.search(body)
+            elif kind == "CONSTRAINT" and "FOREIGN KEY" not in body and (" UNIQUE " in body or " EXCLUDE " in body):
+                m = CONSTRAINT_TABLE.search(body)   # a unique constraint is an index build too
+            if m:
+                table = ".".join(part.strip('"') for part in re.findall(r'"[^"]+"|[^.]+', m.group(1)))
+                self.pending.setdefault(table, []).append(body)
+        self.built = 0
+        self.failed: list[str] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        if self.pending:
+            self._thread = threading.Thread(target=self._run, name="tern-index-builder", daemon=True)
+            self._thread.start()
+
+    def finish(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.ctx.settings.restore_timeout)
+
+    def _run(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        url, timeout = aurora_master_url(self.ctx.outputs), self.ctx.settings.connect_timeout
+        local = threading.local()
+        opened = ExitStack()   # every worker's connection, closed when the builds are done
+
+        def build(body: str) -> None:
+            try:
+                if not hasattr(local, "conn"):
+                    with self._lock:
+                        local.conn = opened.enter_context(native.master_connection(url, timeout))
+                    local.conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(
+                        sql.Literal(INDEX_MAINTENANCE_WORK_MEM)))
+                schema.restore(local.conn, self.head + body, self.role, "index")
+                with self._lock:
+                    self.built += 1
+            except Exception as exc:  # noqa: BLE001 - best effort: schema_after builds what is missing
+                with self._lock:
+                    self.failed.append(str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__)
+
+        try:
+            with native.master_connection(url, timeout) as watch, \
+                    ThreadPoolExecutor(max_workers=INDEX_JOBS, thread_name_prefix="tern-index") as pool:
+                while self.pending:
+                    last_pass = self._stop.is_set()   # the sync ended: one more look, then leave the rest
+                    states = native.table_states(watch)
+                    for table in [t for t in self.pending if states.get(t) in ("s", "r")]:
+                        for body in self.pending.pop(table):
+                            pool.submit(build, body)
+                    if last_pass:
+                        break
+                    self._stop.wait(0.2)
+        except Exception:  # noqa: BLE001 - best effort, as above
+            pass
+        finally:
+            opened.close()
+
+
 
 
 def validation(ctx: Context) -> dict[str, Any]:
