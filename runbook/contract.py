@@ -91,7 +91,7 @@ class App(_Model):
 
     kind: Literal["local", "heroku"]
     name: str = Field(min_length=1)
-    state_dir: str | None = None
+    state_dir: str | None = None      # local: the app's state; heroku: only a rehearsal's stand-in (its ledger)
     api_key: CredentialRef | None = None
 
     @model_validator(mode="after")
@@ -115,6 +115,9 @@ class Replica(_Model):
     bin_dir: str = Field(min_length=1)
     socket_dir: str = Field(min_length=1)
     commands: CommandChannel
+    # the certificate, key and pg_hba.conf: None = where they are by default (ssm: the instance's user data
+    # puts them in /etc/tern/postgresql; local: <data_dir>.tls); a rehearsal's SSM stand-in names its own
+    tls_dir: str | None = None
 
 
 class AuroraLocalApi(_Model):

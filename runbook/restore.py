@@ -54,7 +54,8 @@ class TlsPaths:
 def tls_paths(replica: Replica) -> TlsPaths:
     """Where a replica's certificate, key and pg_hba.conf live: outside its data directory, so a
     rebuild of the data directory (restore again, or a copy of the new leader) keeps them."""
-    d = AWS_TLS_DIR if replica.commands.kind == "ssm" else replica.data_dir.rstrip("/") + ".tls"
+    default = AWS_TLS_DIR if replica.commands.kind == "ssm" else replica.data_dir.rstrip("/") + ".tls"
+    d = getattr(replica, "tls_dir", None) or default
     return TlsPaths(dir=d, cert=f"{d}/server.crt", key=f"{d}/server.key", hba=f"{d}/pg_hba.conf")
 
 

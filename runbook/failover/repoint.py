@@ -250,7 +250,11 @@ def repoint(ctx: Context, *, clock: Clock = Clock()) -> dict[str, Any]:
             try:
                 j = judge(observe(p.pg, leader_tli, p.log), leader_tli, fork)
             except RunbookError as exc:
-                j = Judgement(Verdict.WAIT, f"cannot observe it: {exc}")
+                # a replica that cannot follow may die of it (PANIC at the timeline switch) before it is
+                # first observed - over SSM, seconds after it was pointed: its log still says why
+                proof = down_proof(p)
+                j = (Judgement(Verdict.CANNOT_FOLLOW, f"its log says: {proof} (and it does not answer: {exc})")
+                     if proof else Judgement(Verdict.WAIT, f"cannot observe it: {exc}"))
             p.last = j.reason
             done = f"rebuilt: {p.rebuilt}; " if p.rebuilt else ""
             if j.verdict is Verdict.FOLLOWING:
@@ -289,6 +293,16 @@ def repoint(ctx: Context, *, clock: Clock = Clock()) -> dict[str, Any]:
                         "holds no data). Check each one's server log and its network path to the leader, then run "
                         "the same command again to retry the repoint", step="repoint")
     return {"repoint": report, "repoint_failures": {}, "detail": detail}
+
+
+def down_proof(p: Pending) -> str | None:
+    """What the log of a replica that does not answer says of its following (None: nothing, or unreadable)."""
+    if p.log is None:
+        return None
+    try:
+        return p.log.proof()
+    except RunbookError:
+        return None
 
 
 def prepare_leader(ctx: Context, lpg: PgHost) -> None:

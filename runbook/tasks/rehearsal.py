@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import time
+from contextlib import ExitStack
 
 from invoke import Exit, task
 
@@ -26,9 +27,12 @@ MAX_SECONDS = 24 * 3600
             "rate": "app commits per second", "keep": "leave the sandbox up afterwards",
             "hops": "2: Heroku -> EC2 -> Aurora (default); 1: Heroku -> EC2 only",
             "json": "print the final report as JSON on stdout (the last hop's, with failover_ec2 holding "
-                    "hop 1's); tables and progress go to stderr"})
+                    "hop 1's); tables and progress go to stderr",
+            "adapters": "local (default): subprocesses and the app's state file; aws: the failover through the real "
+                        "SSM, Heroku and EBS adapters against local stand-ins (runbook/standins/world.py; hop 1 only)"})
 @task_errors
-def rehearse(c, seconds=None, scale=None, dataset=None, rate=None, keep=False, hops=None, json=False):
+def rehearse(c, seconds=None, scale=None, dataset=None, rate=None, keep=False, hops=None, json=False,
+             adapters=None):
     """The whole migration on the sandbox with the app writing throughout, ending with the reports.
 
     Sandbox up -> restore the EC2 replicas from the archive -> catch up -> failover-ec2 ->
@@ -37,6 +41,11 @@ def rehearse(c, seconds=None, scale=None, dataset=None, rate=None, keep=False, h
     the sandbox is gone (`invoke report`).
     """
     hops = parse_int("hops", hops, min=1, max=2) or 2
+    adapters = adapters or "local"
+    if adapters not in ("local", "aws"):
+        raise Exit(f"tern: error: --adapters is local or aws, not {adapters!r}", code=2)
+    if adapters == "aws" and hops != 1:
+        raise Exit("tern: error: --adapters aws rehearses hop 1 only: add --hops 1", code=2)
     seconds = parse_float("seconds", seconds, min=0, max=MAX_SECONDS)
     seconds = 5.0 if seconds is None else seconds
     sb, s = sandbox_for(c, **sandbox_flags(scale=scale, dataset=dataset, rate=rate))
@@ -46,6 +55,7 @@ def rehearse(c, seconds=None, scale=None, dataset=None, rate=None, keep=False, h
     if sb.exists():
         say("a sandbox is already up: taking it down first")
         sb.down(check_ledger=False)
+    world = ExitStack()
     try:
         with progress_status("building the sandbox") as update:
             sb.up(replicas=s.replicas, scale=s.scale, dataset=s.dataset, rate=s.app_rate, progress=update)
@@ -54,6 +64,13 @@ def rehearse(c, seconds=None, scale=None, dataset=None, rate=None, keep=False, h
             restored = restore_all(o, timeout=s.restore_timeout, connect_timeout=s.connect_timeout, progress=progress)
         for name, what in restored.items():
             say(f"{name}: {what}")
+        standins = None
+        if adapters == "aws":   # restored above through the local adapters (see runbook/standins/world.py)
+            from ..standins.world import AwsWorld
+
+            standins = world.enter_context(AwsWorld(sb))
+            o = standins.outputs
+            say(f"failover through SSM ({standins.latency:g} s a command), Heroku and EC2 stand-ins")
         say(f"app writing for {seconds:g}s at {s.app_rate:g} commits/s")
         time.sleep(seconds)
         render(status_mod.gather(o, timeout=s.connect_timeout), show)
@@ -72,11 +89,16 @@ def rehearse(c, seconds=None, scale=None, dataset=None, rate=None, keep=False, h
                                                                  progress=update))
             render_report(report, show)
             report["failover_ec2"] = first
+        report["adapters"] = adapters
+        if standins is not None:
+            report["standins"] = standins.summary()
+        world.close()       # the stand-ins stop before the app does
         result = sb.check_ledger_after_stop()
         report["final_ledger_check"] = result
         saved = run_settings.state_dir / "runs" / report["run_id"] / "report.json"
         saved.write_text(jsonlib.dumps(report, indent=2, sort_keys=True, default=str))
     finally:
+        world.close()
         if not keep:
             sb.down(check_ledger=False)
     if json:

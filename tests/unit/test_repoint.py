@@ -12,7 +12,7 @@ import pytest
 
 from runbook.adapters.local_host import LocalHost
 from runbook.adapters.ssm_host import SsmHost
-from runbook.errors import StepError
+from runbook.errors import DatabaseError, StepError
 from runbook.failover import repoint as rp
 from runbook.failover.repoint import Judgement, Observation, Verdict, judge, slots_to_drop
 from runbook.pg import lsn_to_int
@@ -364,6 +364,25 @@ def test_the_replicas_own_log_proves_it_cannot_follow():
         result = rp.repoint(ctx, clock=rp.Clock(clock.now, clock.sleep))
     assert was_rebuilt(nodes["ec2-b"])
     assert "rebuilt: its log says: requested starting point 0/5000000 on timeline 2" in result["repoint"]["ec2-b"]
+
+
+def test_a_replica_that_died_of_the_timeline_switch_before_it_was_observed_is_rebuilt():
+    """Over SSM the first look comes seconds after the pointing: the replica already PANICked at the
+    switch and does not answer, but its log says why - a proof, not a wait for the deadline."""
+    def died(node):
+        if node.pointed_at is not None and not node.rebuilt:
+            node.log = ("FATAL:  could not start WAL streaming: ERROR:  requested starting point 0/5000000 on "
+                        "timeline 2 is not in this server's history\n"
+                        "PANIC:  could not open file \"pg_wal/000000030000000000000005\": No such file\n")
+            raise DatabaseError("ec2-b: SQL failed: psql: error: connection to server on socket failed")
+        return streaming_after(0)(node) if node.rebuilt else before_fork(node)
+
+    ctx, nodes, clock, monkey = make(Settings(repoint_timeout=120), **{"ec2-b": died})
+    with monkey.context():
+        result = rp.repoint(ctx, clock=rp.Clock(clock.now, clock.sleep))
+    assert was_rebuilt(nodes["ec2-b"]) and result["repoint_failures"] == {}
+    assert "rebuilt: its log says: requested starting point 0/5000000" in result["repoint"]["ec2-b"]
+    assert clock.t < 10
 
 
 def test_a_failed_rebuild_leaves_an_empty_replica_and_fails_the_step():
