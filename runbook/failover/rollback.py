@@ -96,16 +96,8 @@ class RollbackContext(Context):
             self.leader_sessions.close()
 
 
-def _leader_pg(ctx: Context):
-    return ctx.pg(ctx.data["leader"])
-
-
-def _leader_db(ctx: Context) -> str:
-    return ctx.replica(ctx.data["leader"]).database
-
-
-def _master(ctx: Context):
-    return native.master_connection(aurora_master_url(ctx.outputs), ctx.settings.connect_timeout)
+# the leader and Aurora's master, as failover-aurora reaches them
+_leader_pg, _leader_db, _master = forward._leader_pg, forward._db, forward._master
 
 
 def _app_role(ctx: Context) -> str:

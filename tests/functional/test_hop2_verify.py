@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -22,22 +21,13 @@ from runbook.journal import Journal
 from runbook.replication import SUBSCRIPTION
 from runbook.replication.leader import aurora_master_url
 from runbook.replication.setup import replicate_aurora
-from tests.conftest import ROOT, make_root
+from tests.conftest import ROOT
 from tests.functional.test_failover_ec2 import Env, assert_nothing_lost
+from tests.functional.test_hop2 import hop2  # noqa: F401 - the fixture (hop 1 done, the other replica streaming from the leader)
 
 pytestmark = pytest.mark.functional
 
 
-@pytest.fixture
-def hop2():
-    root = make_root()
-    e = Env(root)
-    e.restore()
-    e.failover()                      # hop 1: the app on the EC2 leader, the other replica streaming from it
-    time.sleep(1.0)
-    yield e
-    e.sb.down(check_ledger=False)
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def invoke(e: Env, *args: str, **settings: str) -> subprocess.CompletedProcess:
