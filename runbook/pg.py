@@ -88,6 +88,33 @@ def lsn_to_int(lsn: str | None) -> int | None:
     return (int(hi, 16) << 32) + int(lo, 16)
 
 
+WAL_PAGE = 8192          # XLOG_BLCKSZ
+SHORT_PAGE_HEADER = 24   # SizeOfXLogShortPHD: every WAL page but a segment's first
+LONG_PAGE_HEADER = 40    # SizeOfXLogLongPHD: a segment's first page
+
+
+def replay_target(lsn: int) -> int:
+    """What a standby reports (``pg_last_wal_replay_lsn``, the *end* of the last record it replayed)
+    once it has replayed everything before ``lsn``, a position where the next record would be *inserted*
+    (``pg_current_wal_insert_lsn``).
+
+    They differ right after a page header: when the last record ends exactly at a page (or segment)
+    boundary, the insert position is past the next page's header, the replayed end is the boundary
+    itself. Waiting for the insert position there waits for a record that starts after it - after a
+    segment switch, until the *next* segment is archived (archive_timeout, a minute). Nothing lies
+    between the boundary and the position but the header, so the boundary is the same point.
+
+    >>> hex(replay_target(0x3000028)), hex(replay_target(0x3002018)), hex(replay_target(0x3002030))
+    ('0x3000000', '0x3002000', '0x3002030')
+    """
+    # Safe for any page: no record ends strictly between the page start and the position. Where a
+    # record continues from the page before (an offset of 40 can follow 16 bytes of it), no record ends
+    # at the page start either, so a standby at the page start or past it has replayed that one too.
+    if lsn % WAL_PAGE in (SHORT_PAGE_HEADER, LONG_PAGE_HEADER):
+        return lsn - lsn % WAL_PAGE
+    return lsn
+
+
 def bindir(configured: str | None = None) -> Path:
     """The PostgreSQL server binaries: a configured path, TERN_PG_BINDIR, pg_config, or Debian's layout."""
     candidates: list[str] = []

@@ -40,7 +40,7 @@ from ..adapters.snapshots import snapshots_for
 from ..errors import (DatabaseError, NotPromoted, PreflightError, RunbookError, StepError, TimeoutExpired,
                       VerificationError)
 from ..polling import wait_until
-from ..pg import connect, lsn_to_int, url_endpoint, url_user
+from ..pg import connect, lsn_to_int, replay_target, url_endpoint, url_user
 from ..postgres import literal
 from ..status import TIMELINE_SQL, replica_status
 from ..steps import Step
@@ -251,7 +251,7 @@ def flush_done(ctx: Context) -> bool:
     if final is None or ctx.data.final_next_xid is None:
         return False
     try:
-        return (replayed(ctx, ctx.data["candidate"]) or 0) >= lsn_to_int(final)
+        return (replayed(ctx, ctx.data["candidate"]) or 0) >= replay_target(lsn_to_int(final))
     except RunbookError:
         return False
 
@@ -279,7 +279,7 @@ def flush(ctx: Context) -> dict[str, Any]:
         candidate = ctx.data["candidate"]
         try:
             lsn = replayed(ctx, candidate)
-            if lsn is not None and lsn >= final_lsn:
+            if lsn is not None and lsn >= replay_target(final_lsn):
                 break
         except RunbookError as exc:
             updates.update(switch_candidate(ctx, candidate, str(exc)))
@@ -301,7 +301,10 @@ def fill_segment(conn, final_lsn: int, flush_mode: str) -> None:
                        "WHEN 'MB' THEN 1048576 ELSE 1 END FROM pg_settings WHERE name = 'wal_segment_size'"
                        ).fetchone()[0]
     pos = lsn_to_int(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
-    if flush_mode == "fill" and (pos // seg == final_lsn // seg or pos % seg == 0):
+    target = replay_target(final_lsn)
+    if target % seg == 0:
+        return   # everything before the final LSN ends with a complete segment (a switch): archived already
+    if flush_mode == "fill" and pos // seg == target // seg:
         fill = seg - pos % seg + 64
         with conn.transaction():
             conn.execute("SELECT pg_logical_emit_message(true, 'tern-flush', repeat('x', %s))", (fill,))
@@ -336,7 +339,7 @@ def settle(ctx: Context, rounds: int = 3) -> str:
             fill_segment(conn, lsn_to_int(final), ctx.settings.flush_mode)
             xid = str(fence_mod.prove_quiet(conn, {next_xid(conn)}, what="the source"))
             ctx.checkpoint(final_lsn=final, final_next_xid=xid, seal_next_xid=None)
-        want = lsn_to_int(ctx.data["final_lsn"])
+        want = replay_target(lsn_to_int(ctx.data["final_lsn"]))
         try:
             wait_until(lambda: (replayed(ctx, name) or 0) >= want, timeout=ctx.settings.catchup_timeout,
                        interval=ctx.settings.poll_interval, what=f"{name} to replay {ctx.data['final_lsn']}")
@@ -419,7 +422,7 @@ def check_identity(ctx: Context, name: str) -> str:
         raise VerificationError(f"{name} is not a copy of the source: system identifier {row['id']}, source {want}")
     if not row["r"]:
         raise VerificationError(f"{name} is no longer a standby")
-    if (lsn_to_int(row["lsn"]) or 0) < lsn_to_int(ctx.data["final_lsn"]):
+    if (lsn_to_int(row["lsn"]) or 0) < replay_target(lsn_to_int(ctx.data["final_lsn"])):
         raise VerificationError(f"{name} replayed only to {row['lsn']}, before the final LSN {ctx.data['final_lsn']}")
     return f"system identifier {row['id']} matches; replayed {row['lsn']} >= final {ctx.data['final_lsn']}"
 
@@ -442,7 +445,7 @@ def prove_nothing_after_final(ctx: Context) -> str:
     except (RunbookError, psycopg.Error) as exc:
         raise NotPromoted(f"cannot prove that nothing was written after the final LSN: {exc}") from None
     lsn = replayed(ctx, name)
-    if (lsn or 0) < lsn_to_int(ctx.data["final_lsn"]):
+    if (lsn or 0) < replay_target(lsn_to_int(ctx.data["final_lsn"])):
         raise NotPromoted(f"{name} has replayed only {lsn} < final LSN {ctx.data['final_lsn']}: not promoting")
     return f"no transaction since the flush (xmax {xmax}, none running); {name} replayed the final LSN"
 

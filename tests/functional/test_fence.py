@@ -270,3 +270,28 @@ def test_a_difference_found_after_the_switch_stops_the_run(tmp_root):
         assert journal.context()["verification_full"]["ok"] is False
     finally:
         e.sb.down(check_ledger=False)
+
+
+def test_a_final_lsn_right_after_a_segment_switch_is_reached_at_once(env):
+    """The source switched WAL segments just before the flush (archive_timeout on a quiet database does it):
+    the final insert position is past the new segment's page header, while the candidate reports the end of
+    the last record, the boundary itself. Waiting for the header's end waited for the *next* segment, a
+    whole archive_timeout (a minute) inside the window; here the catch-up is bounded well below that."""
+    import dataclasses
+
+    env.settings = dataclasses.replace(env.settings, catchup_timeout=20.0)   # the sandbox's archive_timeout is 60 s
+    source = env.sb.node("source")
+
+    def switch_segment(ctx):
+        with psycopg.connect(f"postgresql://postgres@/postgres?host={source.socket_dir}&port={source.port}",
+                             autocommit=True) as su:
+            su.execute("SELECT pg_switch_wal()")
+
+    report = env.failover(hooks={"before:flush": switch_segment})
+    assert report["outcome"] == "completed", report.get("reason")
+    journal = Journal.load(env.settings.state_dir, Journal.latest(env.settings.state_dir))
+    final = [e["context"]["final_lsn"] for e in journal.events
+             if e["event"] == "progress" and "final_lsn" in e.get("context", {})][0]
+    hi, _, lo = final.partition("/")
+    assert int(lo, 16) % (16 * 1024 * 1024) == 40, f"the final LSN {final} is not right after a segment switch"
+    assert_nothing_lost(env, report)
