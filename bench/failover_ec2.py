@@ -6,11 +6,17 @@ with the naive flush that waits for the source's archive_timeout (60 s, Heroku-f
 Prints each run's window (last acknowledged write on the source to the first on the new
 leader, from the app's ledger), lost writes, then median and max of each mode.
 
+With ``--adapters local,aws`` the fill mode also runs through the real AWS and Heroku adapters against
+the local stand-ins (runbook/standins/world.py): every host command through SsmHost and the SSM
+stand-in at ``--latency`` seconds a command (default 1), the app through HerokuApp - what the real
+night will see (goal #11: median at most 5 s with SSM latency, 0 lost).
+
 With ``--scales 1,760`` the fill mode runs at each sandbox scale (scale 760 is about 5 GB) and
 the medians are compared: the window must not grow with the database (goal: the larger
 median within 20 % of the smaller, both under 2 s). The naive baseline runs at the first scale.
 
     .venv/bin/python bench/failover_ec2.py [--runs 5] [--naive-runs 2] [--rate 200] [--scales 1,760] [--cache DIR]
+                                           [--adapters local,aws] [--latency 1.0]
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -77,16 +84,19 @@ def copy_sandbox(pristine_root: Path, target: Path) -> None:
         subprocess.run(["cp", flags, str(entry), str(target / entry.name)], check=True)
 
 
-def one_run(mode: str, rate: float, warmup: float, scale: int = 1, cache: Path | None = None) -> dict:
+def one_run(mode: str, rate: float, warmup: float, scale: int = 1, cache: Path | None = None,
+            adapters: str = "local", latency: float = 1.0) -> dict:
     root = Path(tempfile.mkdtemp(prefix="tern-bench-", dir="/tmp"))
     root.chmod(0o755)
     sb = Sandbox(root / "sandbox")
+    world = ExitStack()
     try:
         t_build = time.monotonic()
         if cache is None:
             sb.up(replicas=2, scale=scale, rate=rate)
             outputs = load("local", sb.root)
-            restore_all(outputs, timeout=3600, connect_timeout=5)
+            # with the state directory: tern's client certificate, for SQL over TLS where there is no socket
+            restore_all(outputs, timeout=3600, connect_timeout=5, state_dir=root / "state")
         else:
             kept, work = pristine(scale, rate, cache)
             sb = Sandbox(work)
@@ -97,6 +107,12 @@ def one_run(mode: str, rate: float, warmup: float, scale: int = 1, cache: Path |
         build = time.monotonic() - t_build
         time.sleep(warmup)
         settings = Settings(sandbox_dir=sb.root, state_dir=root / "state", flush_mode=mode, catchup_timeout=120)
+        standins = None
+        if adapters == "aws":
+            from runbook.standins.world import AwsWorld
+
+            standins = world.enter_context(AwsWorld(sb, latency=latency))
+            outputs = standins.outputs
         t0 = time.monotonic()
         try:
             report = failover_ec2(outputs, settings, confirm=lambda q: True)
@@ -104,10 +120,12 @@ def one_run(mode: str, rate: float, warmup: float, scale: int = 1, cache: Path |
             report = exc.context.get("report") or {}
             print(f"  run fell back: {str(exc)[:300]}", flush=True)
         elapsed = time.monotonic() - t0
+        ssm = standins.summary()["ssm"] if standins is not None else {}
+        world.close()
         final = sb.check_ledger_after_stop()
         window = (report.get("write_unavailability") or {}).get("seconds")
         full = report.get("verification_full") or {}
-        return {"mode": mode, "scale": scale, "size": size, "build": build, "window": window,
+        return {"mode": mode, "adapters": adapters, "ssm_commands": ssm.get("commands"), "scale": scale, "size": size, "build": build, "window": window,
                 "lost": final["missing"] + (report.get("missing_on_target") or 0), "outcome": report.get("outcome"),
                 "acknowledged": final["acknowledged"], "catchup": report.get("catchup_seconds") or 0,
                 "elapsed": elapsed,
@@ -116,6 +134,7 @@ def one_run(mode: str, rate: float, warmup: float, scale: int = 1, cache: Path |
                 "steps": {st["name"]: st["seconds"] for st in report.get("steps", []) if st.get("seconds") is not None
                           and st["name"] in WINDOW_STEPS}}
     finally:
+        world.close()
         sb.down(check_ledger=False)
         shutil.rmtree(root, ignore_errors=True)
 
@@ -129,39 +148,58 @@ def main() -> int:
     p.add_argument("--scales", default="1", help="comma-separated sandbox scales for the fill mode (760 ~ 5 GB)")
     p.add_argument("--cache", default="", help="build each scale's sandbox once in this folder and copy it per run "
                    "(kept afterwards, so a later bench run reuses it)")
+    p.add_argument("--adapters", default="local", help="local, aws or local,aws: aws runs the fill mode at the "
+                   "first scale through SsmHost and HerokuApp against the stand-ins")
+    p.add_argument("--latency", type=float, default=1.0, help="the SSM stand-in's seconds a command (aws)")
     a = p.parse_args()
+    adapters = [x.strip() for x in a.adapters.split(",") if x.strip()]
+    if not adapters or any(x not in ("local", "aws") for x in adapters) or a.latency < 0:
+        p.error("--adapters takes local, aws or local,aws; --latency is seconds, at least 0")
     cache = Path(a.cache).resolve() if a.cache else None
     scales = [int(x) for x in a.scales.split(",") if x.strip()]
     results = []
-    plan = [("fill", scale, a.runs) for scale in scales] + [("archive_timeout", scales[0], a.naive_runs)]
-    for mode, scale, n in plan:
+    plan = []
+    if "local" in adapters:
+        plan += [("fill", scale, a.runs, "local") for scale in scales]
+    if "aws" in adapters:
+        plan.append(("fill", scales[0], a.runs, "aws"))
+    if "local" in adapters:
+        plan.append(("archive_timeout", scales[0], a.naive_runs, "local"))
+    for mode, scale, n, via in plan:
         for i in range(n):
-            r = one_run(mode, a.rate, a.warmup, scale, cache)
+            r = one_run(mode, a.rate, a.warmup, scale, cache if via == "local" else None, via, a.latency)
             results.append(r)
-            print(f"{mode:16s} scale {scale:4d} ({r['size'] / 2**30:5.2f} GiB, built in {r['build']:.0f} s) "
-                  f"run {i + 1} {r['outcome']}: window {r['window'] if r['window'] is None else round(r['window'], 2)} s, catch-up {r['catchup']:.2f} s, in-window gate "
+            ssm = f", {r['ssm_commands']} SSM commands in all" if via == "aws" else ""
+            print(f"{mode:16s} {via:5s} scale {scale:4d} ({r['size'] / 2**30:5.2f} GiB, built in {r['build']:.0f} s) "
+                  f"run {i + 1} {r['outcome']}: window {r['window'] if r['window'] is None else round(r['window'], 2)} s, "
+                  f"catch-up {r['catchup']:.2f} s, in-window gate "
                   f"{r['gate']:.2f} s, full verification after the switch {r['full'] or 0:.1f} s, "
-                  f"lost {r['lost']} of {r['acknowledged']} acknowledged", flush=True)
+                  f"lost {r['lost']} of {r['acknowledged']} acknowledged{ssm}", flush=True)
             print("    in the window: " + ", ".join(f"{k} {v:.2f}" for k, v in r["steps"].items()), flush=True)
     print()
-    print(f"{'flush':16s} {'scale':>5s} {'GiB':>6s} {'runs':>4s} {'median s':>9s} {'max s':>7s} {'lost':>5s}")
-    medians: dict[tuple[str, int], float] = {}
-    for mode, scale, _ in plan:
-        rs = [r for r in results if r["mode"] == mode and r["scale"] == scale]
-        if not rs or (mode, scale) in medians:
+    print(f"{'flush':16s} {'via':5s} {'scale':>5s} {'GiB':>6s} {'runs':>4s} {'median s':>9s} {'max s':>7s} {'lost':>5s}")
+    medians: dict[tuple[str, int, str], float] = {}
+    for mode, scale, _, via in plan:
+        rs = [r for r in results if r["mode"] == mode and r["scale"] == scale and r["adapters"] == via]
+        if not rs or (mode, scale, via) in medians:
             continue
         windows = [r["window"] for r in rs if r["window"] is not None and r["outcome"] == "completed"] or [float("nan")]
-        medians[(mode, scale)] = statistics.median(windows)
-        print(f"{mode:16s} {scale:5d} {statistics.median([r['size'] for r in rs]) / 2**30:6.2f} {len(rs):4d} "
+        medians[(mode, scale, via)] = statistics.median(windows)
+        print(f"{mode:16s} {via:5s} {scale:5d} {statistics.median([r['size'] for r in rs]) / 2**30:6.2f} {len(rs):4d} "
               f"{statistics.median(windows):9.2f} {max(windows):7.2f} {sum(r['lost'] for r in rs):5d}")
-    small = medians.get(("fill", scales[0]))
-    if small and ("archive_timeout", scales[0]) in medians:
-        print(f"\ntern's fill is {medians[('archive_timeout', scales[0])] / small:.1f}x shorter than waiting for "
+    small = medians.get(("fill", scales[0], "local"))
+    if small and ("archive_timeout", scales[0], "local") in medians:
+        print(f"\ntern's fill is {medians[('archive_timeout', scales[0], 'local')] / small:.1f}x shorter than waiting for "
               f"archive_timeout (goal: median <= 5 s, 0 lost)")
     if len(scales) > 1 and small:
-        big = medians[("fill", scales[-1])]
+        big = medians[("fill", scales[-1], "local")]
         print(f"window at scale {scales[-1]} vs scale {scales[0]}: {big:.2f} s vs {small:.2f} s "
               f"({100 * (big - small) / small:+.0f} %; goal: within +20 %, both under 2 s)")
+    aws = medians.get(("fill", scales[0], "aws"))
+    if aws is not None:
+        beside = f" beside {small:.2f} s on the sandbox's local adapters" if small else ""
+        print(f"window through the AWS/Heroku adapters with {a.latency:g} s a command: median {aws:.2f} s{beside} "
+              f"(goal: median <= 5 s, 0 lost)")
     return 1 if any(r["lost"] for r in results) else 0
 
 

@@ -4,11 +4,20 @@ The same code drives a sandbox cluster (local subprocess) and an EC2 replica (SS
 ``pg_ctl`` for the process, ``psql`` over the host's local socket for SQL that
 needs the database's superuser (promote, ALTER SYSTEM, slots). Query results come
 back as JSON so no output parsing depends on psql's formatting.
+
+Where tern has its client certificate (:mod:`runbook.client_tls`) and the host has no socket tern can
+reach (SSM: a second a command), the SQL goes instead through the local ``psql`` over TLS, as the
+superuser with that certificate - same statements, same semantics (one statement at a time, stop at
+the first error) - and through the host when TCP cannot reach the server.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +28,19 @@ from .adapters import HostCommands
 from .errors import CommandError, DatabaseError, TimeoutExpired
 
 MARKER = "tern.json"  # beside the data directory: what tern knows about this node
+TLS_RETRY_SECONDS = 30.0   # after SQL over TLS could not connect: through the host for this long
+
+
+@functools.lru_cache(maxsize=1)
+def _local_psql() -> str | None:
+    """This machine's psql (for SQL over TLS), or None."""
+    from .pg import bindir
+
+    try:
+        found = bindir() / "psql"
+        return str(found) if found.exists() else shutil.which("psql")
+    except Exception:  # noqa: BLE001 - no server binaries here: any psql on PATH
+        return shutil.which("psql")
 
 
 def literal(value: Any) -> str:
@@ -36,6 +58,9 @@ class PgHost:
     database: str = "postgres"
     superuser: str | None = None
     log_file: str | None = None
+    client: Any = None             # runbook.client_tls.ClientCert: SQL over TLS as the superuser
+    tcp_host: str | None = None    # where the server listens for TCP (with ``client``)
+    _tls_down_until: float = 0.0
 
     @property
     def marker_path(self) -> str:
@@ -79,13 +104,51 @@ class PgHost:
             self.superuser = marker.get("superuser") or "postgres"
         return self.superuser
 
+    @property
+    def over_tls(self) -> bool:
+        """SQL goes over TLS with tern's certificate (not through the host's commands)."""
+        return self.client is not None and self.tcp_host is not None and not self.host.local_socket
+
+    def sql_url(self, database: str | None = None) -> str | None:
+        """A libpq URL for the superuser over TLS with tern's certificate, where there is one."""
+        if not self.over_tls:
+            return None
+        return self.client.conninfo(self.tcp_host, self.port, database or self.database, "tern:superuser")
+
     def psql(self, statement: str, *, database: str | None = None, timeout: float = 30) -> str:
         """Run SQL as the database superuser over the host's socket; the SQL goes through stdin,
         never the command line (which other local users could read)."""
+        if self.over_tls:
+            out = self._psql_tls(statement, database, timeout)
+            if out is not None:
+                return out
         argv = [self._bin("psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
                 "-h", self.socket_dir, "-p", str(self.port), "-U", self._user(),
                 "-d", database or self.database, "-f", "-"]
         res = self.host.run(argv, timeout=timeout, check=False, input=statement)
+        if res.returncode != 0:
+            raise DatabaseError(f"{self.host.name}: SQL failed: {res.stderr.strip()[-400:]}")
+        return res.stdout
+
+    def _psql_tls(self, statement: str, database: str | None, timeout: float) -> str | None:
+        """The local psql over TLS; None when it could not connect (the caller goes through the host
+        instead, and so does every call for the next ``TLS_RETRY_SECONDS``). A connection lost after
+        the first statement ran is an error, never retried elsewhere (the statements may have acted)."""
+        psql = _local_psql()
+        if psql is None or time.monotonic() < self._tls_down_until:
+            return None
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env["PGCONNECT_TIMEOUT"] = "3"
+        try:
+            res = subprocess.run([psql, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", self.sql_url(database),
+                                  "-f", "-"], input=statement, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise TimeoutExpired(f"{self.host.name}: SQL over TLS did not finish within {timeout:.0f}s") from None
+        except OSError:
+            return None
+        if res.returncode == 2 and res.stderr.lstrip().startswith("psql: error: connection to server"):
+            self._tls_down_until = time.monotonic() + TLS_RETRY_SECONDS
+            return None
         if res.returncode != 0:
             raise DatabaseError(f"{self.host.name}: SQL failed: {res.stderr.strip()[-400:]}")
         return res.stdout

@@ -23,10 +23,12 @@ import re
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from . import archive as archive_mod
+from . import client_tls
 from .adapters import HostCommands, app_for, host_for
 from .contract import Outputs, Replica
 from .errors import PreflightError, RunbookError
@@ -59,7 +61,8 @@ def tls_paths(replica: Replica) -> TlsPaths:
     return TlsPaths(dir=d, cert=f"{d}/server.crt", key=f"{d}/server.key", hba=f"{d}/pg_hba.conf")
 
 
-def standby_settings(replica: Replica, restore_cmd: str) -> dict[str, str | int]:
+def standby_settings(replica: Replica, restore_cmd: str, client_ca: str = "") -> dict[str, str | int]:
+    """``client_ca``: where tern's client certificate is on the host (:mod:`.client_tls`), or "" (none)."""
     tls = tls_paths(replica)
     return {
         "listen_addresses": replica.host if replica.host in ("127.0.0.1", "localhost") else "*",
@@ -71,7 +74,7 @@ def standby_settings(replica: Replica, restore_cmd: str) -> dict[str, str | int]
         "ssl": "on",
         "ssl_cert_file": tls.cert,
         "ssl_key_file": tls.key,
-        "ssl_ca_file": "",                   # not the source's: its files are not on this host
+        "ssl_ca_file": client_ca,            # tern's client certificate only (never the source's)
         "ssl_crl_file": "",
         "ssl_min_protocol_version": "TLSv1.2",
         "password_encryption": "scram-sha-256",
@@ -101,14 +104,16 @@ def _hba_name(name: str) -> str:
     return name if re.fullmatch(r"[A-Za-z0-9_]+", name) else '"' + name.replace('"', '""') + '"'
 
 
-def hba_conf(superuser: str) -> str:
+def hba_conf(superuser: str, client_cert: bool = False) -> str:
     """TCP only over TLS with SCRAM (replication too); the socket trusts only the superuser, and
-    its directory is 0700, owned by the server's OS user: nobody else on the host reaches it."""
+    its directory is 0700, owned by the server's OS user: nobody else on the host reaches it.
+    ``client_cert``: the superuser comes in over TLS with tern's certificate only (:mod:`.client_tls`)."""
     su = _hba_name(superuser)
     return ("# tern restore: TCP only over TLS with SCRAM; the unix socket's directory is 0700 (server OS user only)\n"
             f"local    all          {su}    trust\n"
             f"local    replication  {su}    trust\n"
-            "hostssl  all          all    0.0.0.0/0   scram-sha-256\n"
+            + (client_tls.hba_lines(su) if client_cert else "")
+            + "hostssl  all          all    0.0.0.0/0   scram-sha-256\n"
             "hostssl  replication  all    0.0.0.0/0   scram-sha-256\n"
             "hostssl  all          all    ::/0        scram-sha-256\n"
             "hostssl  replication  all    ::/0        scram-sha-256\n")
@@ -203,13 +208,29 @@ def prepare_socket_dir(replica: Replica, host: HostCommands) -> None:
                              f"the server's OS user {(res.stderr or '').strip()[-200:]}")
 
 
-def prepare_tls(replica: Replica, host: HostCommands, superuser: str) -> str:
+def client_ca_path(replica: Replica) -> str:
+    return f"{tls_paths(replica).dir}/tern-client.crt"
+
+
+def prepare_tls(replica: Replica, host: HostCommands, superuser: str,
+                client: client_tls.ClientCert | None = None) -> str:
     """Everything :func:`standby_settings` points at, outside the data directory: the 0700 socket
-    directory, the certificate and key, the TLS-only hba. Returns what became of the certificate."""
+    directory, the certificate and key, the TLS-only hba (and tern's client certificate, when given).
+    Returns what became of the certificate."""
     prepare_socket_dir(replica, host)
     certificate = ensure_certificate(replica, host)
-    host.write_file(tls_paths(replica).hba, hba_conf(superuser))
+    if client is not None:
+        host.write_file(client_ca_path(replica), client.pem)
+    host.write_file(tls_paths(replica).hba, hba_conf(superuser, client_cert=client is not None))
     return certificate
+
+
+def install_client_cert(pg: PgHost, replica: Replica, superuser: str, client: client_tls.ClientCert) -> None:
+    """On a replica restored and running: trust tern's client certificate for the superuser (hba line,
+    ``ssl_ca_file``), reloaded - idempotent, and nothing else changes."""
+    pg.host.write_file(client_ca_path(replica), client.pem)
+    pg.host.write_file(tls_paths(replica).hba, hba_conf(superuser, client_cert=True))
+    pg.psql(f"ALTER SYSTEM SET ssl_ca_file = {literal(client_ca_path(replica))};\nSELECT pg_reload_conf();")
 
 
 def source_identity(outputs: Outputs, timeout: float) -> dict[str, object]:
@@ -223,15 +244,19 @@ def source_identity(outputs: Outputs, timeout: float) -> dict[str, object]:
 
 
 def restore_replica(outputs: Outputs, replica: Replica, *, timeout: float, identity: dict[str, object],
-                    progress: Progress | None = None) -> str:
-    """Restore one replica; returns what was done (restored / started / already running)."""
+                    progress: Progress | None = None, client: client_tls.ClientCert | None = None) -> str:
+    """Restore one replica; returns what was done (restored / started / already running).
+    ``client``: tern's client certificate, trusted for the superuser over TLS (:mod:`.client_tls`)."""
     pg = replica_host(replica)
     marker = pg.read_marker()
     if marker.get("restored_from") and pg.has_data():
-        if pg.is_running():
-            return "already restored and running"
-        pg.start(timeout=60)
-        return "restored earlier; started"
+        what = "already restored and running"
+        if not pg.is_running():
+            pg.start(timeout=60)
+            what = "restored earlier; started"
+        if client is not None:
+            install_client_cert(pg, replica, str(marker.get("superuser") or identity["superuser"]), client)
+        return what
     host = pg.host
     backup = archive_mod.find_base_backup(outputs.source.archive, host)
     server_major = parse_major(host.run([f"{replica.bin_dir}/postgres", "--version"], timeout=30).stdout)
@@ -246,10 +271,11 @@ def restore_replica(outputs: Outputs, replica: Replica, *, timeout: float, ident
     pg.stop(mode="immediate", timeout=30) if pg.has_data() and pg.is_running() else None
     host.run(["rm", "-rf", replica.data_dir], timeout=300)
     host.run(["mkdir", "-p", "-m", "700", replica.data_dir], timeout=30)
-    certificate = prepare_tls(replica, host, str(identity["superuser"]))
+    certificate = prepare_tls(replica, host, str(identity["superuser"]), client)
     _fetch(pg, outputs, backup, progress, timeout)
     host.write_file(f"{replica.data_dir}/postgresql.auto.conf",
-                    _conf_lines(standby_settings(replica, archive_mod.restore_command(outputs.source.archive))))
+                    _conf_lines(standby_settings(replica, archive_mod.restore_command(outputs.source.archive),
+                                                 client_ca_path(replica) if client is not None else "")))
     host.write_file(f"{replica.data_dir}/pg_hba.conf", hba_conf(str(identity["superuser"])))  # inert (hba_file)
     host.write_file(f"{replica.data_dir}/standby.signal", "")
     pg.log_file = replica.data_dir.rstrip("/") + ".log"
@@ -291,7 +317,9 @@ def _fetch(pg: PgHost, outputs: Outputs, backup: archive_mod.BaseBackup, progres
 
 
 def restore_all(outputs: Outputs, *, timeout: float, connect_timeout: float,
-                progress: Progress | None = None) -> dict[str, str]:
+                progress: Progress | None = None, state_dir: Path | None = None) -> dict[str, str]:
+    """Restore every replica. ``state_dir``: the stack's state directory, where tern keeps its client
+    certificate (made there once, trusted by every replica: :mod:`.client_tls`); None: no certificate."""
     # check every replica's preconditions before touching any
     identity = source_identity(outputs, connect_timeout)
     for r in outputs.replicas:
@@ -299,5 +327,6 @@ def restore_all(outputs: Outputs, *, timeout: float, connect_timeout: float,
         if not (pg.read_marker().get("restored_from") and pg.has_data()):
             archive_mod.find_base_backup(outputs.source.archive, host_for(r))
             check_tls_files(r, pg.host)
-    return {r.name: restore_replica(outputs, r, timeout=timeout, identity=identity, progress=progress)
+    client = client_tls.ensure(state_dir, str(identity["superuser"])) if state_dir is not None else None
+    return {r.name: restore_replica(outputs, r, timeout=timeout, identity=identity, progress=progress, client=client)
             for r in outputs.replicas}

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import psycopg
 
+from .. import client_tls
 from ..adapters import AppControl
 from ..contract import Outputs, Replica
 from ..journal import Journal
@@ -92,7 +93,11 @@ class Context:
     def pg(self, name: str) -> PgHost:
         """One host object per node for the whole run."""
         if name not in self._hosts:
-            self._hosts[name] = replica_host(self.replica(name))
+            replica = self.replica(name)
+            pg = replica_host(replica)
+            # SQL over TLS with tern's certificate where the host has no socket tern reaches (SSM)
+            pg.client, pg.tcp_host = client_tls.existing(self.settings.state_dir), replica.host
+            self._hosts[name] = pg
         return self._hosts[name]
 
     def replica_url(self, name: str) -> str:

@@ -17,7 +17,7 @@ Never ``pg_wal_replay_resume()`` a standby paused *at a target*: that ends recov
 
 from __future__ import annotations
 
-from ..pg import lsn_to_int
+from ..pg import lsn_to_int, replay_target
 from ..polling import wait_until
 from ..postgres import PgHost, literal
 from .context import Context
@@ -45,12 +45,14 @@ def hold(pg: PgHost, lsn: str, *, stop_timeout: float, start_timeout: float, rea
     pg.psql(statements)
     pg.stop(mode="fast", timeout=stop_timeout)   # recovery targets need a restart
     pg.start(timeout=start_timeout)
-    want = lsn_to_int(lsn)
+    # everything before the target replayed (a target just past a page header: the boundary, replay_target);
+    # the records at or after it are never replayed while the target is in force
+    want = replay_target(lsn_to_int(lsn))
 
     def there():
         row = pg.query_one("SELECT pg_last_wal_replay_lsn()::text AS lsn, pg_is_wal_replay_paused() AS paused")
         # paused after a restart = the target reached (nothing else pauses it): the record at or after
-        # the target never came in, so the last one replayed may end short of it (a page header between)
+        # the target came in; without it (its segment not archived yet) the replay position tells
         return row["lsn"] if (lsn_to_int(row["lsn"]) or 0) >= want or row["paused"] else None
 
     return wait_until(there, timeout=reach_timeout, interval=max(interval, 0.2),
@@ -83,9 +85,11 @@ def release(pg: PgHost, *, stop_timeout: float, start_timeout: float, restore_co
 
 
 def read_url(ctx: Context, name: str) -> str:
-    """How to read a held standby: as its superuser over the local socket where tern can (a standby
-    carries its primary's fence, and hop 1's seal), else with the app's role over TLS."""
+    """How to read a held standby: as its superuser - a standby carries its primary's fence (a connection
+    limit of tern's own sessions there) and hop 1's seal (none at all), which bind every other role - over
+    the local socket where tern can, else over TLS with tern's client certificate
+    (:mod:`runbook.client_tls`). Neither: the app's role over TLS, which the fence may refuse."""
     pg = ctx.pg(name)
     if pg.host.local_socket:
         return f"postgresql://{pg._user()}@/{ctx.replica(name).database}?host={pg.socket_dir}&port={pg.port}"
-    return ctx.replica_url(name)
+    return pg.sql_url(ctx.replica(name).database) or ctx.replica_url(name)

@@ -391,7 +391,7 @@ def point_at_leader(ctx: Context, name: str, leader, lpg: PgHost, leader_tli: in
 def rebuild(ctx: Context, name: str, leader, lpg: PgHost, why: str, clock: Clock) -> Pending:
     """A fresh copy of the leader (``pg_basebackup`` through the replica's own slot), started as its
     standby. Only for a replica that provably cannot follow (``why``)."""
-    from ..restore import HBA, _conf_lines, standby_settings
+    from ..restore import HBA, _conf_lines, client_ca_path, standby_settings
 
     r = ctx.replica(name)
     pg = ctx.pg(name)
@@ -408,7 +408,8 @@ def rebuild(ctx: Context, name: str, leader, lpg: PgHost, why: str, clock: Clock
                      "-X", "stream", "-S", slot, "-c", "fast", "--no-password"], timeout=ctx.settings.restore_timeout)
     except RunbookError as exc:
         raise RebuildFailed(f"EMPTY: {why}; its copy of {leader.name} failed: {exc}") from None
-    conf = standby_settings(r, "")
+    ca = client_ca_path(r)   # restore put tern's client certificate beside the server's (outside the data dir)
+    conf = standby_settings(r, "", ca if pg.host.exists(ca) else "")
     conf.update(primary_conninfo=conninfo(ctx, name, leader), primary_slot_name=slot)
     pg.host.write_file(f"{r.data_dir}/postgresql.auto.conf", _conf_lines(conf))
     pg.host.write_file(f"{r.data_dir}/pg_hba.conf", HBA)

@@ -27,10 +27,12 @@ STACK_HELP = "local (the sandbox, default), a .json outputs file, or a Pulumi st
 @task_errors
 def restore(c, stack=None):
     """Restore every EC2 replica from the source's base backup and start it as a standby fed by the WAL archive."""
-    o = outputs(c, parse_name("stack", stack))
-    s = settings(c)
+    stack = parse_name("stack", stack)
+    o = outputs(c, stack)
+    s = stack_settings(settings(c), stack)
     with byte_progress("restoring") as progress:
-        results = restore_all(o, timeout=s.restore_timeout, connect_timeout=s.connect_timeout, progress=progress)
+        results = restore_all(o, timeout=s.restore_timeout, connect_timeout=s.connect_timeout, progress=progress,
+                              state_dir=s.state_dir)
     for name, what in results.items():
         say(f"{name}: {what}")
 

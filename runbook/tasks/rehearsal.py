@@ -61,7 +61,8 @@ def rehearse(c, seconds=None, scale=None, dataset=None, rate=None, keep=False, h
             sb.up(replicas=s.replicas, scale=s.scale, dataset=s.dataset, rate=s.app_rate, progress=update)
         o = load("local", s.sandbox_dir)
         with byte_progress("restoring") as progress:
-            restored = restore_all(o, timeout=s.restore_timeout, connect_timeout=s.connect_timeout, progress=progress)
+            restored = restore_all(o, timeout=s.restore_timeout, connect_timeout=s.connect_timeout, progress=progress,
+                                   state_dir=run_settings.state_dir)
         for name, what in restored.items():
             say(f"{name}: {what}")
         standins = None

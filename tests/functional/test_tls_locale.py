@@ -44,7 +44,8 @@ class Env:
         self.outputs = load("local", self.sb.root)
         self.settings = Settings(sandbox_dir=self.sb.root, state_dir=root / "state", catchup_timeout=30,
                                  repoint_timeout=30)
-        restore_all(self.outputs, timeout=120, connect_timeout=5)
+        # with the state directory: tern's client certificate is made there and trusted by each replica
+        restore_all(self.outputs, timeout=120, connect_timeout=5, state_dir=self.settings.state_dir)
         time.sleep(1.5)
 
     def app_url(self) -> str:
@@ -88,7 +89,9 @@ def test_restored_replicas_take_tcp_only_over_tls(env):
         for path in (hba_file, f"{r.data_dir}/pg_hba.conf"):
             lines = [ln.split() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
             assert lines and not [ln for ln in lines if ln[0] not in ("local", "hostssl")], path
-            assert all(ln[-1] == "scram-sha-256" for ln in lines if ln[0] == "hostssl"), path
+            # SCRAM over TLS; the superuser only with tern's client certificate (runbook/client_tls.py)
+            assert all(ln[-1] == "scram-sha-256" or (ln[2] == "postgres" and ln[-1] == "cert")
+                       for ln in lines if ln[0] == "hostssl"), path
             assert {ln[2] for ln in lines if ln[0] == "local"} == {"postgres"}, path
         rules = pg.query("SELECT type, user_name, auth_method FROM pg_hba_file_rules")
         assert {x["type"] for x in rules} == {"local", "hostssl"}
@@ -133,6 +136,74 @@ def _wait_replayed(env, name: str, want: str | None, timeout: float = 60) -> Non
             return
         time.sleep(0.2)
     raise AssertionError(f"{name} did not replay datcollversion {want!r}: {row}")
+
+
+class RemoteHost(LocalHost):
+    """A host whose socket tern cannot reach (as over SSM): SQL must go over TLS with the certificate.
+    Counts the host commands, so the test sees which way the SQL went."""
+
+    local_socket = False
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.commands: list[str] = []
+
+    def run(self, argv, **kw):
+        self.commands.append(" ".join(argv)[:80])
+        return super().run(argv, **kw)
+
+
+def _remote_pg(env, name: str, port: int | None = None):
+    from runbook import client_tls
+    from runbook.status import replica_host
+
+    r = env.outputs.replica(name)
+    pg = replica_host(r)
+    pg.host = RemoteHost(name)
+    pg.client, pg.tcp_host = client_tls.existing(env.settings.state_dir), r.host
+    if port is not None:
+        pg.port = port
+    return pg
+
+
+def test_the_superuser_comes_in_over_tls_with_terns_certificate_only(env):
+    from runbook import client_tls
+
+    client = client_tls.existing(env.settings.state_dir)
+    assert client is not None and oct(client.key.stat().st_mode & 0o777) == "0o600"
+    r = env.outputs.replicas[0]
+    with psycopg.connect(client.conninfo(r.host, r.port, r.database), connect_timeout=5) as conn:
+        row = conn.execute("SELECT current_user, rolsuper, ssl FROM pg_roles, pg_stat_ssl "
+                           "WHERE rolname = current_user AND pid = pg_backend_pid()").fetchone()
+    assert row == (client.user, True, True)
+    # the superuser with a password, or with another certificate of the same name: refused
+    with pytest.raises(psycopg.OperationalError, match="certificate"):
+        psycopg.connect(host=r.host, port=r.port, dbname=r.database, user=client.user, password="guess",
+                        sslmode="require", connect_timeout=5).close()
+    other = client_tls.ensure(env.root / "someone-else", client.user)
+    with pytest.raises(psycopg.OperationalError, match="unknown ca|certificate"):
+        psycopg.connect(other.conninfo(r.host, r.port, r.database), connect_timeout=5).close()
+    # no TLS at all: refused as before
+    with pytest.raises(psycopg.OperationalError, match="no pg_hba.conf entry"):
+        psycopg.connect(host=r.host, port=r.port, dbname=r.database, user=client.user, sslmode="disable",
+                        connect_timeout=5).close()
+
+
+def test_sql_for_a_host_without_a_reachable_socket_goes_over_tls_and_falls_back_to_the_host(env):
+    name = env.outputs.replicas[0].name
+    pg = _remote_pg(env, name)
+    assert pg.over_tls
+    row = pg.query_one("SELECT application_name AS app, pg_is_in_recovery() AS r FROM pg_stat_activity "
+                       "WHERE pid = pg_backend_pid()")
+    assert row == {"app": "tern:superuser", "r": True} and pg.host.commands == []
+    with pytest.raises(Exception, match="SQL failed"):
+        pg.psql("SELECT 1/0;")                    # an error is an error, never retried through the host
+    assert pg.host.commands == []
+    # TLS cannot reach the server (a port nobody listens on): through the host's commands instead
+    cut = _remote_pg(env, name)
+    cut.tcp_host = "127.0.0.2" if cut.tcp_host != "127.0.0.2" else "127.0.0.3"
+    assert cut.query_one("SELECT pg_is_in_recovery() AS r") == {"r": True}
+    assert any("psql" in c for c in cut.host.commands)
 
 
 def test_collation_check_sees_a_real_version_and_refuses_a_recorded_one_that_differs(env):

@@ -155,6 +155,9 @@ class FakeHost:
     def read_file_from(self, path, offset, *, limit=16384, timeout=30.0):
         return (self.node.log, len(self.node.log)) if limit else ("", len(self.node.log))
 
+    def exists(self, path, *, timeout=30.0):
+        return path in self.node.files
+
 
 class FakeNode:
     """A PgHost double: answers the SQL repoint sends, from a script of what the replica does."""
