@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pgcopydb --table-jobs (default: tern's, max_sync_workers_per_subscription on Aurora)")
     p.add_argument("--index-jobs", type=int, default=INDEX_JOBS,
                    help=f"pgcopydb --index-jobs (default {INDEX_JOBS}: as many as tern builds at once)")
+    p.add_argument("--repeat", type=int, default=1, help="measure both tools this many times on the same data "
+                   "(alternating; medians compared)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON on stdout (the human lines "
                                                        "go to stderr)")
     a = p.parse_args(argv)
@@ -154,7 +157,9 @@ def pgcopydb_clone(source_url: str, target: dict[str, Any], work: Path, table_jo
             "--no-owner", "--no-acl", "--no-comments", "--skip-extensions"]
     env = dict(os.environ, PGPASSFILE=str(pgpass), PGAPPNAME="bench:pgcopydb")
     t0 = time.monotonic()
-    res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=7200, check=False)
+    # its own session: pgcopydb signals its whole process group when a step fails (it took this bench down)
+    res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=7200, check=False,
+                         start_new_session=True)
     seconds = time.monotonic() - t0
     log = res.stdout + res.stderr
     (work / "pgcopydb.log").write_text(log)
@@ -168,6 +173,93 @@ def pgcopydb_summary(log: str) -> list[str]:
     if start is None:
         return []
     return [ln for ln in lines[start:] if ln.strip() and not re.match(r"^\d\d:\d\d:\d\d ", ln)]
+
+
+def measure_once(a, say, root: Path, aurora, source_url: str, master_url: str, outputs, settings, tables, expected,
+                 jobs: int, rep: int) -> dict[str, Any] | None:
+    """pgcopydb clone into a fresh database, then tern's replicate-aurora into Aurora's app database."""
+    fig: dict[str, Any] = {}
+    # 1. pgcopydb clone into a fresh database on the same Aurora stand-in
+    a_info = conninfo_to_dict(master_url)
+    target = {"host": a_info["host"], "port": a_info["port"], "dbname": TARGET_DB, "user": a_info["user"],
+              "password": a_info["password"]}
+    say(f"pgcopydb clone --table-jobs {jobs} --index-jobs {a.index_jobs} ...")
+    seconds, rc, log = pgcopydb_clone(source_url, target, root / f"work-{rep}", jobs, a.index_jobs)
+    fig["pgcopydb_seconds"] = round(seconds, 1)
+    fig["pgcopydb_summary"] = pgcopydb_summary(log)
+    if rc != 0:
+        say(f"pgcopydb clone failed (exit {rc}) after {seconds:.1f} s; its last lines:")
+        for ln in log.splitlines()[-25:]:
+            say("  " + ln)
+        return None
+    with psycopg.connect(psycopg.conninfo.make_conninfo(master_url, dbname=TARGET_DB), autocommit=True) as tgt:
+        got = counts(tgt, tables)
+    fig["pgcopydb_rows_ok"] = got == expected
+    say(f"pgcopydb clone: {seconds:.1f} s, rows {'equal' if got == expected else 'DIFFER'} to the leader's")
+    for ln in fig["pgcopydb_summary"]:
+        say("  " + ln)
+    with psycopg.connect(master_url, autocommit=True) as master:
+        master.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(TARGET_DB)))
+    aurora.psql("CHECKPOINT")
+
+    # 2. tern's replicate-aurora, the whole of it (schema, copy, indexes, guard)
+    say("replicate-aurora ...")
+    watch = CopyWatch(master_url)
+    watch.start()
+    t0 = time.monotonic()
+    report = replicate_aurora(outputs, settings, replica_identity_full=True)
+    tern_seconds = time.monotonic() - t0
+    watch.stop.set()
+    watch.join(5)
+    records = [s for s in Journal.load(Path(settings.state_dir), report["run_id"]).steps()
+               if s.started_at is not None and s.ended_at is not None]
+    steps = {s.name: round(s.ended_at - s.started_at, 1) for s in records}
+    details = {s.name: s.detail for s in records if s.name in ("initial_sync", "schema_after")}
+    with psycopg.connect(master_url, autocommit=True) as master:
+        got = counts(master, tables)
+    fig.update(tern_seconds=round(tern_seconds, 1), tern_steps=steps, tern_rows_ok=got == expected,
+               tern_table_copy_seconds=watch.per_table(), tern_max_tables_copying_at_once=watch.max_parallel)
+    say(f"replicate-aurora: {tern_seconds:.1f} s, rows {'equal' if got == expected else 'DIFFER'} to the leader's")
+    say("  steps: " + ", ".join(f"{k} {v:.1f} s" for k, v in steps.items()))
+    for name, detail in details.items():
+        say(f"  {name}: {detail}")
+    fig["tern_step_details"] = details
+    say(f"  per-table copy (state d to s/r, at most {watch.max_parallel} at once): "
+        + ", ".join(f"{t} {v if v is not None else '<0.3'} s" for t, v in
+                    sorted(watch.per_table().items(), key=lambda kv: -(kv[1] or 0))))
+
+    fig.update(pgcopydb_seconds=round(seconds, 1), tern_seconds=round(tern_seconds, 1))
+    return fig
+
+
+def reset_tern(outputs, leader, master_url: str, leader_db: str) -> None:
+    """Aurora as before tern's first run: no subscription (its slot on the leader dropped with it), no tables;
+    the leader without tern's DDL guard."""
+    from runbook.adapters.aurora import aurora_api_for
+    from runbook.replication import SUBSCRIPTION
+
+    api = aurora_api_for(outputs.aurora)
+    with psycopg.connect(master_url, autocommit=True) as master:
+        if native.subscription_exists(master):
+            api.subscription_statement(f"ALTER SUBSCRIPTION {SUBSCRIPTION} DISABLE", outputs.aurora.database)
+            api.subscription_statement(f"ALTER SUBSCRIPTION {SUBSCRIPTION} SET (slot_name = NONE)",
+                                       outputs.aurora.database)
+            api.subscription_statement(f"DROP SUBSCRIPTION {SUBSCRIPTION}", outputs.aurora.database)
+        for (nsp,) in master.execute("SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%' "
+                                     "AND nspname NOT IN ('information_schema', 'public') AND nspowner <> 10").fetchall():
+            master.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(nsp)))
+        for (t,) in master.execute("SELECT format('%I.%I', schemaname, tablename) FROM pg_tables "
+                                   "WHERE schemaname = 'public'").fetchall():
+            master.execute(f"DROP TABLE {t} CASCADE")
+        for (q,) in master.execute("SELECT format('%I.%I', sequence_schema, sequence_name) "
+                                   "FROM information_schema.sequences WHERE sequence_schema = 'public'").fetchall():
+            master.execute(f"DROP SEQUENCE IF EXISTS {q} CASCADE")
+    native.remove_guard(leader, leader_db)
+    # the leader without tern's publication and schema (pgcopydb would copy them, and refuses the publication)
+    leader.psql(f"DROP PUBLICATION IF EXISTS {native.PUBLICATION};\nDROP SCHEMA IF EXISTS {native.TERN_SCHEMA} CASCADE;",
+                database=leader_db)
+    leader.psql(f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = "
+                f"'{SUBSCRIPTION}' AND NOT active")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,51 +310,28 @@ def main(argv: list[str] | None = None) -> int:
         for node in (leader, sb.node("aurora")):
             node.psql("CHECKPOINT")
 
-        # 1. pgcopydb clone into a fresh database on the same Aurora stand-in
-        a_info = conninfo_to_dict(master_url)
-        target = {"host": a_info["host"], "port": a_info["port"], "dbname": TARGET_DB, "user": a_info["user"],
-                  "password": a_info["password"]}
-        say(f"pgcopydb clone --table-jobs {jobs} --index-jobs {a.index_jobs} ...")
-        seconds, rc, log = pgcopydb_clone(source_url, target, root / "work", jobs, a.index_jobs)
-        fig["pgcopydb_seconds"] = round(seconds, 1)
-        fig["pgcopydb_summary"] = pgcopydb_summary(log)
-        if rc != 0:
-            say(f"pgcopydb clone failed (exit {rc}) after {seconds:.1f} s; its last lines:")
-            for ln in log.splitlines()[-25:]:
-                say("  " + ln)
-            return 2
-        with psycopg.connect(psycopg.conninfo.make_conninfo(master_url, dbname=TARGET_DB), autocommit=True) as tgt:
-            got = counts(tgt, tables)
-        fig["pgcopydb_rows_ok"] = got == expected
-        say(f"pgcopydb clone: {seconds:.1f} s, rows {'equal' if got == expected else 'DIFFER'} to the leader's")
-        for ln in fig["pgcopydb_summary"]:
-            say("  " + ln)
-        with psycopg.connect(master_url, autocommit=True) as master:
-            master.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(TARGET_DB)))
-        sb.node("aurora").psql("CHECKPOINT")
-
-        # 2. tern's replicate-aurora, the whole of it (schema, copy, indexes, guard)
-        say("replicate-aurora ...")
-        watch = CopyWatch(master_url)
-        watch.start()
-        t0 = time.monotonic()
-        report = replicate_aurora(outputs, settings, replica_identity_full=True)
-        tern_seconds = time.monotonic() - t0
-        watch.stop.set()
-        watch.join(5)
-        steps = {s.name: round(s.ended_at - s.started_at, 1) for s in
-                 Journal.load(Path(settings.state_dir), report["run_id"]).steps()
-                 if s.started_at is not None and s.ended_at is not None}
-        with psycopg.connect(master_url, autocommit=True) as master:
-            got = counts(master, tables)
-        fig.update(tern_seconds=round(tern_seconds, 1), tern_steps=steps, tern_rows_ok=got == expected,
-                   tern_table_copy_seconds=watch.per_table(), tern_max_tables_copying_at_once=watch.max_parallel)
-        say(f"replicate-aurora: {tern_seconds:.1f} s, rows {'equal' if got == expected else 'DIFFER'} to the leader's")
-        say("  steps: " + ", ".join(f"{k} {v:.1f} s" for k, v in steps.items()))
-        say(f"  per-table copy (state d to s/r, at most {watch.max_parallel} at once): "
-            + ", ".join(f"{t} {v if v is not None else '<0.3'} s" for t, v in
-                        sorted(watch.per_table().items(), key=lambda kv: -(kv[1] or 0))))
-
+        runs: list[dict[str, Any]] = []
+        for rep in range(a.repeat):
+            if rep:
+                reset_tern(outputs, leader, master_url, conninfo_to_dict(source_url)["dbname"])
+                with psycopg.connect(master_url, autocommit=True) as master:
+                    master.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TARGET_DB)))
+                for node in (leader, sb.node("aurora")):
+                    node.psql("CHECKPOINT")
+            say(f"-- run {rep + 1} of {a.repeat}")
+            settings = settings.replace(state_dir=root / f"state-{rep}")
+            one = measure_once(a, say, root, sb.node("aurora"), source_url, master_url, outputs, settings, tables,
+                               expected, jobs, rep)
+            if one is None:
+                return 2
+            runs.append(one)
+        seconds = statistics.median(r["pgcopydb_seconds"] for r in runs)
+        tern_seconds = statistics.median(r["tern_seconds"] for r in runs)
+        steps = runs[-1]["tern_steps"]
+        fig["runs"] = runs
+        fig.update(pgcopydb_seconds=seconds, tern_seconds=tern_seconds,
+                   tern_rows_ok=all(r["tern_rows_ok"] for r in runs),
+                   pgcopydb_rows_ok=all(r["pgcopydb_rows_ok"] for r in runs))
         ratio = tern_seconds / seconds
         fig["ratio_tern_over_pgcopydb"] = round(ratio, 2)
         fig["goal_met"] = bool(ratio <= 1.0 and fig["tern_rows_ok"] and fig["pgcopydb_rows_ok"])

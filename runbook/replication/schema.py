@@ -22,6 +22,7 @@ from ..pg import url_user
 from ..postgres import PgHost, literal
 
 ENTRY = re.compile(r"^--\n-- (?:Name|Data for Name): .*?; Type: (?P<type>[A-Z ]+);", re.M)
+HEADER = re.compile(r"^-- Name: (?P<name>.*?); Type: (?P<type>[A-Z ]+); Schema: (?P<schema>[^;]*);", re.M)
 
 
 def dump(leader: PgHost, database: str, section: str) -> str:
@@ -106,6 +107,64 @@ def restore(aurora: psycopg.Connection, text: str, role: str, what: str) -> None
                              f"{str(exc).strip().splitlines()[0]}") from None
     except psycopg.Error as exc:
         raise DatabaseError(f"copying the {what} to Aurora failed: {str(exc).strip().splitlines()[0]}") from None
+
+
+def present(aurora: psycopg.Connection, body: str) -> bool:
+    """The object a post-data dump entry creates (index, constraint, trigger) is on Aurora already - read in
+    the catalog, without the table locks the statement itself would wait for (autovacuum, the apply)."""
+    m = HEADER.search(body)
+    if not m:
+        return False
+    kind, nsp, name = m["type"].strip(), m["schema"].strip(), m["name"].strip()
+    if kind == "INDEX":
+        return bool(aurora.execute("SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                                   "WHERE n.nspname = %s AND c.relname = %s", (nsp, name)).fetchone())
+    table, _, obj = name.partition(" ")   # "table name" for constraints and triggers
+    if kind in ("CONSTRAINT", "FK CONSTRAINT", "CHECK CONSTRAINT"):
+        return bool(aurora.execute("SELECT 1 FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid "
+                                   "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s "
+                                   "AND c.relname = %s AND k.conname = %s", (nsp, table, obj)).fetchone())
+    if kind == "TRIGGER":
+        return bool(aurora.execute("SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                                   "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s "
+                                   "AND c.relname = %s AND t.tgname = %s", (nsp, table, obj)).fetchone())
+    return False
+
+
+def set_autovacuum(aurora: psycopg.Connection, role: str, enabled: bool, leader: dict[str, str] | None = None) -> int:
+    """Autovacuum off on every table during the initial copy, on again after it: a vacuum started by the
+    bulk inserts holds a lock every index build and foreign key of that table then waits for (up to
+    deadlock_timeout, until PostgreSQL cancels the vacuum). tern analyzes each table itself; the vacuum
+    runs once autovacuum is back. Anti-wraparound vacuums run either way.
+
+    ``enabled``: each table as on the leader - its own ``autovacuum_enabled`` where it set one
+    (``leader``: table -> value, from :func:`autovacuum_settings`), the default elsewhere. Returns the
+    number of tables."""
+    tables = aurora.execute("SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c "
+                            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' "
+                            "AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_' "
+                            "AND pg_has_role(c.relowner, 'USAGE') ORDER BY 1").fetchall()
+    leader = leader or {}
+    statements = []
+    for (t,) in tables:
+        if not enabled:
+            statements.append(f"ALTER TABLE {t} SET (autovacuum_enabled = false);\n")
+        elif t in leader:
+            statements.append(f"ALTER TABLE {t} SET (autovacuum_enabled = {literal(leader[t])});\n")
+        else:
+            statements.append(f"ALTER TABLE {t} RESET (autovacuum_enabled);\n")
+    if statements:
+        restore(aurora, "".join(statements), role, "autovacuum settings")
+    return len(tables)
+
+
+def autovacuum_settings(leader: PgHost, database: str) -> dict[str, str]:
+    """The tables the app set ``autovacuum_enabled`` on, on the leader (``schema.table`` -> value)."""
+    # not "t": PgHost.query wraps the select as t (json_agg(t) would aggregate the column, not the row)
+    rows = leader.query("SELECT format('%I.%I', n.nspname, c.relname) AS tbl, split_part(o, '=', 2) AS val "
+                        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace, unnest(c.reloptions) o "
+                        "WHERE c.relkind = 'r' AND o LIKE 'autovacuum\\_enabled=%'", database=database)
+    return {r["tbl"]: r["val"] for r in rows}
 
 
 def has_tables(aurora: psycopg.Connection) -> bool:

@@ -116,6 +116,7 @@ def copy_schema(ctx: Context) -> dict[str, Any]:
             api.create_extension(name, ctx.outputs.aurora.database, schema=in_schema)
         schema.restore(master, pre, role, "schema (tables, types, functions, views)")
         schema.restore(master, keys, role, "primary keys")
+        schema.set_autovacuum(master, role, enabled=False)   # on again at schema_after
     note = f"; extensions not offered by Aurora, not created: {', '.join(skipped)}" if skipped else ""
     return {"skipped_extensions": skipped, "detail": "tables, sequences, types, functions, views, primary keys" + note}
 
@@ -139,45 +140,64 @@ def initial_sync(ctx: Context) -> dict[str, Any]:
     finally:
         if builder is not None:
             builder.finish()
-    if builder is not None and builder.built:
-        result["detail"] = result.get("detail", "") + f"; {builder.built} indexes built as their tables finished"
+    if builder is not None and (builder.built or builder.analyzed or builder.foreign_keys):
+        result["detail"] = result.get("detail", "") + (
+            f"; as each table's copy ended: {builder.built} indexes built, {builder.analyzed} tables analyzed, "
+            f"{builder.foreign_keys} foreign keys added"
+            + (f" ({len(builder.failed)} left to schema_after: {builder.failed[0]})" if builder.failed else ""))
     return result
 
 
 CONSTRAINT_TABLE = re.compile(r'ALTER TABLE (?:ONLY )?((?:"[^"]+"|[^\s."(]+)\.(?:"[^"]+"|[^\s"(]+))')
 INDEX_TABLE = re.compile(r'\bON (?:ONLY )?((?:"[^"]+"|[^\s."(]+)\.(?:"[^"]+"|[^\s"(]+))')
+REFERENCED_TABLE = re.compile(r'\bREFERENCES ((?:"[^"]+"|[^\s."(]+)\.(?:"[^"]+"|[^\s"(]+))')
+
+
+def _table(match: re.Match) -> str:
+    """``schema.table`` as pg_subscription_rel names it (no quotes)."""
+    return ".".join(part.strip('"') for part in re.findall(r'"[^"]+"|[^.]+', match.group(1)))
 
 
 class IndexBuilder:
-    """Builds the leader's secondary indexes on Aurora table by table, as each table's initial copy ends
-    (state ``s`` or ``r``), ``INDEX_JOBS`` at a time. Best effort: an index it could not build is left to
-    schema_after, which builds whatever is missing and reports what fails."""
+    """Finishes each table on Aurora as soon as its initial copy ends (state ``s`` or ``r``), while the
+    other tables still copy, as pgcopydb does: its secondary indexes and unique constraints
+    (``INDEX_JOBS`` at once), then ``ANALYZE`` (Aurora has no statistics for a table filled by a copy:
+    the app's first queries after the switch would be planned blind), then each foreign key whose two
+    tables are finished. Best effort: what it could not build is left to schema_after, which builds
+    whatever is missing and reports what fails."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         _, rest = schema.split_post_data(schema.dump(_leader(ctx), _db(ctx), "post-data"))
         self.head = schema.preamble(rest)
         self.role = schema.app_role(ctx.source_url())
-        self.pending: dict[str, list[str]] = {}
+        self.pending: dict[str, list[str]] = {}          # table -> its index builds, not started
+        self.foreign: list[tuple[str, str, str]] = []     # (table, referenced table, statement), not started
         for kind, body in schema.entries(rest):
-            m = None
             if kind == "INDEX":
                 m = INDEX_TABLE.search(body)
-            elif kind == "CONSTRAINT" and "FOREIGN KEY" not in body and (" UNIQUE " in body or " EXCLUDE " in body):
+            elif kind in ("FK CONSTRAINT", "CONSTRAINT") and "FOREIGN KEY" in body:   # pg_dump: FK CONSTRAINT
+                m, ref = CONSTRAINT_TABLE.search(body), REFERENCED_TABLE.search(body)
+                if m and ref:
+                    self.foreign.append((_table(m), _table(ref), body))
+                continue
+            elif kind == "CONSTRAINT" and (" UNIQUE " in body or " EXCLUDE " in body):
                 m = CONSTRAINT_TABLE.search(body)   # a unique constraint is an index build too
+            else:
+                continue
             if m:
-                table = ".".join(part.strip('"') for part in re.findall(r'"[^"]+"|[^.]+', m.group(1)))
-                self.pending.setdefault(table, []).append(body)
+                self.pending.setdefault(_table(m), []).append(body)
         self.built = 0
+        self.analyzed = 0
+        self.foreign_keys = 0
         self.failed: list[str] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        if self.pending:
-            self._thread = threading.Thread(target=self._run, name="tern-index-builder", daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._run, name="tern-index-builder", daemon=True)
+        self._thread.start()
 
     def finish(self) -> None:
         self._stop.set()
@@ -185,36 +205,64 @@ class IndexBuilder:
             self._thread.join(timeout=self.ctx.settings.restore_timeout)
 
     def _run(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import Future, ThreadPoolExecutor
 
         url, timeout = aurora_master_url(self.ctx.outputs), self.ctx.settings.connect_timeout
         local = threading.local()
         opened = ExitStack()   # every worker's connection, closed when the builds are done
 
-        def build(body: str) -> None:
+        def run(body: str, what: str) -> bool:
             try:
                 if not hasattr(local, "conn"):
                     with self._lock:
                         local.conn = opened.enter_context(native.master_connection(url, timeout))
                     local.conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(
                         sql.Literal(INDEX_MAINTENANCE_WORK_MEM)))
-                schema.restore(local.conn, self.head + body, self.role, "index")
-                with self._lock:
-                    self.built += 1
+                schema.restore(local.conn, self.head + body, self.role, what)
+                return True
             except Exception as exc:  # noqa: BLE001 - best effort: schema_after builds what is missing
                 with self._lock:
                     self.failed.append(str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__)
+                return False
 
+        def build(body: str) -> None:
+            if run(body, "index"):
+                with self._lock:
+                    self.built += 1
+
+        def analyze(table: str) -> None:
+            ident = sql.Identifier(*table.split(".", 1)).as_string(None)
+            if run(f"ANALYZE {ident};\n", "statistics"):
+                with self._lock:
+                    self.analyzed += 1
+
+        def foreign_key(body: str) -> None:
+            if run(body, "foreign key"):
+                with self._lock:
+                    self.foreign_keys += 1
+
+        indexing: dict[str, list[Future]] = {}   # table -> its index builds
+        analyzing: dict[str, Future] = {}         # table -> its ANALYZE, once its indexes are built
+        fks: list[Future] = []
         try:
             with native.master_connection(url, timeout) as watch, \
                     ThreadPoolExecutor(max_workers=INDEX_JOBS, thread_name_prefix="tern-index") as pool:
-                while self.pending:
-                    last_pass = self._stop.is_set()   # the sync ended: one more look, then leave the rest
+                while True:
+                    synced = self._stop.is_set()   # the sync ended: every table is copied (one more look)
                     states = native.table_states(watch)
-                    for table in [t for t in self.pending if states.get(t) in ("s", "r")]:
-                        for body in self.pending.pop(table):
-                            pool.submit(build, body)
-                    if last_pass:
+                    for table in [t for t, st in states.items() if st in ("s", "r") and t not in indexing]:
+                        indexing[table] = [pool.submit(build, body) for body in self.pending.pop(table, [])]
+                    for table, futures in indexing.items():
+                        if table not in analyzing and all(f.done() for f in futures):
+                            analyzing[table] = pool.submit(analyze, table)
+                    finished = {t for t, f in analyzing.items() if f.done()}
+                    for fk in [fk for fk in self.foreign if fk[0] in finished and fk[1] in finished]:
+                        self.foreign.remove(fk)
+                        fks.append(pool.submit(foreign_key, fk[2]))
+                    # done when the sync ended and what started for the copied tables is done (a table
+                    # whose copy failed is not waited for: schema_after reports it)
+                    if synced and set(indexing) <= finished and not self.foreign_waiting(finished) \
+                            and all(f.done() for f in fks):
                         break
                     self._stop.wait(0.2)
         except Exception:  # noqa: BLE001 - best effort, as above
@@ -222,7 +270,9 @@ class IndexBuilder:
         finally:
             opened.close()
 
-
+    def foreign_waiting(self, finished: set[str]) -> bool:
+        """A foreign key not started whose two tables are finished (it starts at the next look)."""
+        return any(child in finished and parent in finished for child, parent, _ in self.foreign)
 
 
 def validation(ctx: Context) -> dict[str, Any]:
@@ -269,6 +319,10 @@ def schema_after(ctx: Context) -> dict[str, Any]:
         with native.master_connection(aurora_master_url(ctx.outputs), ctx.settings.connect_timeout) as master:
             master.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(INDEX_MAINTENANCE_WORK_MEM)))
             for kind, body in share:
+                if schema.present(master, body):   # built as its table's copy ended, or by an earlier run
+                    with lock:
+                        counts["skipped"] += 1
+                    continue
                 apply(master, kind, body)
 
     jobs = max(1, min(INDEX_JOBS, len(indexes)))
@@ -276,8 +330,25 @@ def schema_after(ctx: Context) -> dict[str, Any]:
         for f in [pool.submit(build, indexes[i::jobs]) for i in range(jobs)]:
             f.result()
     build(others)   # foreign keys need their referenced keys; triggers last, as the dump orders them
+    analyzed = analyze_unanalyzed(ctx, role)
+    with native.master_connection(aurora_master_url(ctx.outputs), ctx.settings.connect_timeout) as master:
+        # copy_schema turned it off for the copy: back as on the leader
+        schema.set_autovacuum(master, role, enabled=True, leader=schema.autovacuum_settings(_leader(ctx), _db(ctx)))
     return {"detail": f"{counts['done']} indexes, foreign keys and triggers created ({jobs} index builds at once)"
-                      + (f", {counts['skipped']} already there" if counts["skipped"] else "")}
+                      + (f", {counts['skipped']} already there" if counts["skipped"] else "")
+                      + (f"; {analyzed} tables analyzed" if analyzed else "")}
+
+
+def analyze_unanalyzed(ctx: Context, role: str) -> int:
+    """``ANALYZE`` every table Aurora has no statistics for (those the copy's finisher did not reach, every
+    table after a DMS full load): the app's first queries after the switch are planned on real figures."""
+    with native.master_connection(aurora_master_url(ctx.outputs), ctx.settings.connect_timeout) as master:
+        tables = master.execute("SELECT schemaname, relname FROM pg_stat_user_tables WHERE last_analyze IS NULL "
+                                "AND last_autoanalyze IS NULL ORDER BY 1, 2").fetchall()
+        for nsp, rel in tables:
+            schema.restore(master, sql.SQL("ANALYZE {}").format(sql.Identifier(nsp, rel)).as_string(master), role,
+                           "statistics")
+    return len(tables)
 
 
 def ddl_guard(ctx: Context) -> dict[str, Any]:

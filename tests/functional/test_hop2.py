@@ -36,8 +36,25 @@ def test_both_hops_end_to_end(hop2):
     with pytest.raises(StepError, match="audit_events.*--replica-identity-full") as refused:
         replicate_aurora(e.outputs, e.settings)                # a table without a key: refused by default
     assert any(f["severity"] == "block" for f in refused.value.context["risk_register"])
+    leader = e.sb.node(next(r.name for r in e.outputs.replicas if f":{r.port}/" in e.app_url()))   # hop 1's
+    leader.psql("ALTER TABLE warehouses SET (autovacuum_enabled = false);", database="app")   # the app's choice
     setup = replicate_aurora(e.outputs, e.settings, replica_identity_full=True)
     assert setup["outcome"] == "completed"
+    # Aurora as the leader: every foreign key, index and constraint; autovacuum as the app set it (tern turned it
+    # off for the copy only); statistics for every table (the app's first queries after the switch are planned)
+    catalog = ("SELECT (SELECT array_agg(conname::text ORDER BY conname) FROM pg_constraint k JOIN pg_namespace n "
+               "ON n.oid = k.connamespace WHERE n.nspname = 'public') AS constraints, "
+               "(SELECT array_agg(indexname::text ORDER BY indexname) FROM pg_indexes WHERE schemaname = 'public') AS indexes, "
+               "(SELECT array_agg(relname::text || ':' || coalesce(array_to_string(reloptions, ','), '') ORDER BY relname) "
+               " FROM pg_class WHERE relkind = 'r' AND relnamespace = 'public'::regnamespace) AS options")
+    on_leader = leader.query_one(catalog, database="app")
+    with psycopg.connect(aurora_master_url(e.outputs), autocommit=True) as master:
+        row = master.execute(catalog).fetchone()
+        unanalyzed = master.execute("SELECT relname FROM pg_stat_user_tables WHERE schemaname = 'public' "
+                                    "AND last_analyze IS NULL AND last_autoanalyze IS NULL").fetchall()
+    assert list(row) == [on_leader["constraints"], on_leader["indexes"], on_leader["options"]]
+    assert "warehouses:autovacuum_enabled=false" in row[2] and "orders:" in row[2]
+    assert unanalyzed == []
     risks = {f["risk"]: f for f in setup["risk_register"]}
     assert risks["tables without a primary key or replica identity"]["severity"] == "warn"
     assert "sequences" in risks and "public.invoice_number_seq" in risks["sequences"]["objects"]
