@@ -176,9 +176,13 @@ class AwsWorld:
             import boto3
 
             ec2 = boto3.Session(region_name=self.region).client("ec2")
+            # the instances' own volumes only (moto also lists the snapshots behind its built-in images)
+            volumes = [v["VolumeId"] for v in ec2.describe_volumes(Filters=[
+                {"Name": "attachment.instance-id", "Values": list(self.instances.values())}])["Volumes"]]
             snapshots = [{"id": s["SnapshotId"], "volume": s["VolumeId"], "state": s["State"],
                           "tags": {t["Key"]: t["Value"] for t in s.get("Tags", [])}}
-                         for s in ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]]
+                         for s in ec2.describe_snapshots(OwnerIds=["self"], Filters=[
+                             {"Name": "volume-id", "Values": volumes}])["Snapshots"]] if volumes else []
         except Exception as exc:  # noqa: BLE001 - a summary never fails the run
             snapshots = [{"error": type(exc).__name__}]
         return {

@@ -1,8 +1,4 @@
-"""NOT COLLECTED YET (named pending_*, issue #11): it fails on two bugs the stand-ins found - the held
-witness is read over TLS with the app's role and hits the fence's connection limit, which replicated to
-it; and one flush took 62 s under SSM latency. Rename to test_rehearse_aws.py once they are fixed.
-
-Hop 1 rehearsed through the REAL AWS and Heroku adapters: ``invoke rehearse --hops 1 --adapters aws``.
+"""Hop 1 rehearsed through the REAL AWS and Heroku adapters: ``invoke rehearse --hops 1 --adapters aws``.
 
 Every host command of the failover goes through SsmHost -> the SSM stand-in (1 s a command, the agent's
 bare environment, throttled polling), the app through HerokuApp -> the Heroku stand-in over the sandbox's
