@@ -7,11 +7,17 @@ are testable with any configuration (the tests load ``Pulumi.dev.yaml`` and
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 NAMESPACE = "tern"
+# Debian 12's pgbouncer: the exact version the pooler installs unless tern:pgbouncer_version names another
+PGBOUNCER_VERSION = "1.18.0-1+deb12u1"
+# one exact Debian version (upstream-revision): no wildcard, nothing a shell would read as more than a word
+_DEBIAN_VERSION = re.compile(r"^[0-9][0-9A-Za-z.+~:]*-[0-9A-Za-z.+~]+$")
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,12 @@ class StackConfig:
     dms_source_replica: str | None = None
     replication_password: Any = None           # a config secret (pulumi.Output) - never exported
     tags: dict[str, str] = field(default_factory=dict)
+    # PgBouncer in front of the leader (issue #12): one per zone behind an internal NLB (infra/pooler.py)
+    pooler: bool = True
+    pgbouncer_version: str = PGBOUNCER_VERSION
+    pooler_instance_type: str = "c6i.large"
+    admin_cidrs: list[str] = field(default_factory=list)   # where tern runs: the only sources of the admin console
+    pooler_admin_password: Any = None          # a config secret (pulumi.Output) - never exported
 
     @property
     def zones(self) -> list[str]:
@@ -55,7 +67,8 @@ def _bool(v: Any) -> bool:
     return v if isinstance(v, bool) else str(v).lower() in ("1", "true", "yes")
 
 
-def from_mapping(values: Mapping[str, Any], *, replication_password: Any = None) -> StackConfig:
+def from_mapping(values: Mapping[str, Any], *, replication_password: Any = None,
+                 pooler_admin_password: Any = None) -> StackConfig:
     """Build from plain key/values (keys without the ``tern:`` prefix); raises on a missing key."""
     v = {k.split(":", 1)[-1]: val for k, val in values.items()}
 
@@ -81,6 +94,9 @@ def from_mapping(values: Mapping[str, Any], *, replication_password: Any = None)
         backup_retention_days=int(v.get("backup_retention_days", 7)), ami_id=v.get("ami_id") or None,
         dms_source_replica=v.get("dms_source_replica") or None,
         replication_password=replication_password, tags=dict(v.get("tags") or {}),
+        pooler=_bool(v.get("pooler", True)), pgbouncer_version=str(v.get("pgbouncer_version") or PGBOUNCER_VERSION),
+        pooler_instance_type=v.get("pooler_instance_type") or "c6i.large",
+        admin_cidrs=list(_list(v.get("admin_cidrs"))), pooler_admin_password=pooler_admin_password,
     )
     if len(cfg.private_subnets) < 2:
         raise ValueError(f"{NAMESPACE}:private_subnets needs subnets in at least two availability zones")
@@ -91,7 +107,30 @@ def from_mapping(values: Mapping[str, Any], *, replication_password: Any = None)
     for cidr in cfg.app_source_cidrs:
         if cidr.endswith("/0"):
             raise ValueError(f"{NAMESPACE}:app_source_cidrs must not open the databases to the world ({cidr})")
+    if cfg.pooler:
+        _check_pooler(cfg)
     return cfg
+
+
+def _check_pooler(cfg: StackConfig) -> None:
+    """The pooler's keys, checked only when ``tern:pooler`` is on (they end up in a shell script and an HBA file)."""
+    if not _DEBIAN_VERSION.match(cfg.pgbouncer_version):
+        raise ValueError(f"{NAMESPACE}:pgbouncer_version must name one exact Debian package version "
+                         f"(such as {PGBOUNCER_VERSION}), not {cfg.pgbouncer_version!r}")
+    if not cfg.admin_cidrs:
+        raise ValueError(f"{NAMESPACE}:admin_cidrs is required when {NAMESPACE}:pooler is on: the addresses tern runs "
+                         "from, the only ones PgBouncer's admin console accepts")
+    for cidr in cfg.admin_cidrs:
+        try:
+            network = ipaddress.ip_network(cidr)
+        except ValueError:
+            raise ValueError(f"{NAMESPACE}:admin_cidrs: {cidr!r} is not a network address "
+                             "(such as 10.0.4.0/24)") from None
+        if network.prefixlen == 0:
+            raise ValueError(f"{NAMESPACE}:admin_cidrs must not open the admin console to the world ({cidr})")
+    if cfg.pooler_admin_password is None:
+        raise ValueError(f"stack config is missing {NAMESPACE}:pooler_admin_password (a secret: pulumi config set "
+                         f"--secret {NAMESPACE}:pooler_admin_password ...), or set {NAMESPACE}:pooler false")
 
 
 def _list(v: Any) -> list[str]:
@@ -113,8 +152,10 @@ KEY_TYPES: dict[str, str] = {
     "dms_instance_class": "str", "dms_ca_certificate_arn": "str", "dms_source_replica": "str",
     "heroku_app": "str", "database": "str", "rehearsal": "bool", "protect": "bool",
     "backup_retention_days": "int", "ami_id": "str", "tags": "object",
+    "pooler": "bool", "pgbouncer_version": "str", "pooler_instance_type": "str", "admin_cidrs": "list",
 }
-OPTIONAL_KEYS = ("ami_id", "tags", "dms_source_replica", "backup_retention_days")
+OPTIONAL_KEYS = ("ami_id", "tags", "dms_source_replica", "backup_retention_days", "pooler", "pgbouncer_version",
+                 "pooler_instance_type")
 
 
 def _read(c: Any, key: str, kind: str) -> Any:
@@ -142,4 +183,6 @@ def load() -> StackConfig:
         value = _read(c, key, kind)
         if value is not None:
             values[key] = value
-    return from_mapping(values, replication_password=c.require_secret("replication_password"))
+    # the pooler's admin password is needed only when tern:pooler is on; from_mapping says so when it is missing
+    return from_mapping(values, replication_password=c.require_secret("replication_password"),
+                        pooler_admin_password=c.get_secret("pooler_admin_password"))

@@ -18,7 +18,8 @@ from .aurora import Aurora, AuroraArgs
 from .config import StackConfig
 from .dms import Dms, DmsArgs
 from .heroku import HerokuApp, HerokuArgs
-from .network import Network, NetworkArgs
+from .network import POOLER_PORT, Network, NetworkArgs
+from .pooler import ADMIN_USER, DATABASES_FILE, Poolers, PoolersArgs
 from .replicas import COMMAND_OUTPUT_PREFIX, Replicas, ReplicasArgs
 
 SCHEMA_VERSION = 1
@@ -34,6 +35,10 @@ class Stack:
     replication_secret: aws.secretsmanager.Secret
     outputs: dict[str, Any]
     replication_secret_version: aws.secretsmanager.SecretVersion | None = None
+    # tern:pooler (default on): PgBouncer in front of the leader, and its admin password's secret
+    pooler: Poolers | None = None
+    pooler_admin_secret: aws.secretsmanager.Secret | None = None
+    pooler_admin_secret_version: aws.secretsmanager.SecretVersion | None = None
 
 
 def build(cfg: StackConfig, stack_name: str) -> Stack:
@@ -41,7 +46,8 @@ def build(cfg: StackConfig, stack_name: str) -> Stack:
     production = not cfg.rehearsal
     subnets = [cfg.private_subnets[z] for z in cfg.zones]
     network = Network("tern", NetworkArgs(vpc_id=cfg.vpc_id, app_source_security_groups=cfg.app_source_security_groups,
-                                          app_source_cidrs=cfg.app_source_cidrs, tags=tags))
+                                          app_source_cidrs=cfg.app_source_cidrs, pooler=cfg.pooler,
+                                          admin_cidrs=cfg.admin_cidrs, tags=tags))
     ami = cfg.ami_id or aws.ec2.get_ami_output(
         most_recent=True, owners=["136693071363"],  # Debian
         filters=[aws.ec2.GetAmiFilterArgs(name="name", values=["debian-12-amd64-*"])]).id
@@ -79,6 +85,26 @@ def build(cfg: StackConfig, stack_name: str) -> Stack:
         source_host=dms_source.private_ip, target_host=aurora.cluster.endpoint, database=cfg.database,
         certificate_arn=cfg.dms_ca_certificate_arn, source_secret_arn=replication_secret.arn,
         target_secret_arn=aurora.master_secret_arn, production=production, protect=cfg.protect, tags=tags))
+    pooler = pooler_admin_secret = pooler_admin_secret_version = None
+    if cfg.pooler:
+        # the admin console's password: like the replication role's, a config secret kept in Secrets Manager,
+        # exported by reference only; the poolers read it at first boot
+        pooler_admin_secret = aws.secretsmanager.Secret("tern-pooler-admin", description="tern PgBouncer admin console",
+                                                        recovery_window_in_days=0 if cfg.rehearsal else 7, tags=tags)
+        pooler_admin_secret_version = aws.secretsmanager.SecretVersion(
+            "tern-pooler-admin", secret_id=pooler_admin_secret.id,
+            secret_string=pulumi.Output.secret(cfg.pooler_admin_password).apply(
+                lambda pw: json.dumps({"username": ADMIN_USER, "password": pw})))
+        assert network.pooler is not None and network.pooler_lb is not None
+        pooler = Poolers("tern-pooler", PoolersArgs(
+            zones=cfg.zones, subnets=cfg.private_subnets, vpc_id=cfg.vpc_id, security_group_id=network.pooler.id,
+            lb_security_group_id=network.pooler_lb.id, instance_type=cfg.pooler_instance_type, ami_id=ami,
+            region=cfg.region, pgbouncer_version=cfg.pgbouncer_version, admin_cidrs=cfg.admin_cidrs,
+            # the secret's ARN once its value is stored: a node reads the password once, at first boot
+            admin_secret_arn=pulumi.Output.all(pooler_admin_secret.arn, pooler_admin_secret_version.id)
+            .apply(lambda v: v[0]),
+            command_output_bucket=replicas.command_output.bucket,
+            protect=cfg.protect, tags=tags))
     # a read-only lookup: nothing in `pulumi up` touches the running app (a config-var change restarts every dyno)
     heroku_app = HerokuApp("tern-heroku", HerokuArgs(app_name=cfg.heroku_app))
 
@@ -111,5 +137,19 @@ def build(cfg: StackConfig, stack_name: str) -> Stack:
         "credentials": {"replication_password": replication_secret.arn.apply(
             lambda arn: f"aws-secretsmanager:{arn}#password")},
     }
+    if pooler is not None and pooler_admin_secret is not None:
+        # the app's one endpoint (the NLB) and, per node, what tern needs to PAUSE, repoint and RESUME it
+        outputs["pooler"] = {
+            "kind": "pgbouncer", "host": pooler.load_balancer.dns_name, "port": POOLER_PORT, "database": cfg.database,
+            "tls": True, "admin_user": ADMIN_USER,
+            "admin_password": pooler_admin_secret.arn.apply(lambda arn: f"aws-secretsmanager:{arn}#password"),
+            "nodes": [
+                {"name": name, "availability_zone": zone, "admin_host": inst.private_ip, "admin_port": POOLER_PORT,
+                 "commands": {"kind": "ssm", "instance_id": inst.id, "region": cfg.region, "os_user": "postgres",
+                              "output_bucket": replicas.command_output.bucket, "output_prefix": COMMAND_OUTPUT_PREFIX},
+                 "databases_file": DATABASES_FILE}
+                for name, zone, inst in zip(pooler.names, pooler.zones, pooler.instances)],
+        }
     return Stack(network, replicas, aurora, dms, heroku_app, replication_secret, outputs,
-                 replication_secret_version=replication_secret_version)
+                 replication_secret_version=replication_secret_version, pooler=pooler,
+                 pooler_admin_secret=pooler_admin_secret, pooler_admin_secret_version=pooler_admin_secret_version)

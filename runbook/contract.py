@@ -181,6 +181,44 @@ class Credentials(_Model):
     replication_password: CredentialRef
 
 
+class PoolerNode(_Model):
+    """One PgBouncer process: where tern reaches its admin console, and how it rewrites the file that
+    names the database behind it (``databases_file``, ``%include``d by pgbouncer.ini, then ``RELOAD``)."""
+
+    name: Name
+    availability_zone: str | None = None
+    admin_host: str = Field(min_length=1)     # the admin console (the virtual database ``pgbouncer``): tern only
+    admin_port: Port = 6432
+    commands: CommandChannel
+    databases_file: str = Field(min_length=1)
+
+
+class Pooler(_Model):
+    """PgBouncer in front of the leader (transaction pooling), the app's one endpoint: a switch behind it
+    is PAUSE, repoint, RESUME - no config-var change, no dyno restart (issue #12).
+
+    ``host``/``port``: what the app's ``DATABASE_URL`` names (the network load balancer on AWS, over
+    TLS); ``database``: the database name clients use; ``admin_user``/``admin_password``: PgBouncer's
+    admin console (``admin_users``), which only tern may reach."""
+
+    kind: Literal["pgbouncer"]
+    host: str = Field(min_length=1)
+    port: Port = 6432
+    database: str = Field(min_length=1)
+    tls: bool = True
+    admin_user: str = Field(min_length=1)
+    admin_password: CredentialRef
+    nodes: list[PoolerNode] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_nodes(self) -> "Pooler":
+        names = [n.name for n in self.nodes]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"pooler node names must be unique, repeated: {', '.join(dup)}")
+        return self
+
+
 class Outputs(_Model):
     schema_version: Literal[1]
     stack: str = Field(min_length=1)
@@ -191,6 +229,7 @@ class Outputs(_Model):
     replicas: list[Replica] = Field(min_length=1)
     aurora: Aurora
     dms: Dms | None = None
+    pooler: Pooler | None = None
     credentials: Credentials
 
     @model_validator(mode="after")

@@ -15,6 +15,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "pw-from-config-secret-4f1c"
+ADMIN_SECRET = "admin-pw-from-config-secret-9d2b"
 
 
 class Mocks(pulumi.runtime.Mocks):
@@ -41,6 +42,8 @@ class Mocks(pulumi.runtime.Mocks):
             state["replication_instance_arn"] = f"arn:aws:dms:us-east-1:1:rep:{name}"
         if args.typ == "aws:dms/endpoint:Endpoint":
             state["endpoint_arn"] = f"arn:aws:dms:us-east-1:1:endpoint:{name}"
+        if args.typ == "aws:lb/loadBalancer:LoadBalancer":
+            state["dns_name"] = f"{name}-0a1b2c3d4e.elb.us-east-1.amazonaws.com"
         self.resources.append((args.typ, name, state))
         return f"{name}-id", state
 
@@ -56,9 +59,11 @@ def stack_config(stack: str, **overrides):
     from infra.config import from_mapping
 
     data = yaml.safe_load((ROOT / f"Pulumi.{stack}.yaml").read_text())["config"]
-    values = {k: v for k, v in data.items() if k.startswith("tern:") and k != "tern:replication_password"}
+    values = {k: v for k, v in data.items() if k.startswith("tern:") and k != "tern:replication_password"
+              and k != "tern:pooler_admin_password"}
     values.update({f"tern:{k}": v for k, v in overrides.items()})
-    return from_mapping(values, replication_password=pulumi.Output.secret(SECRET))
+    return from_mapping(values, replication_password=pulumi.Output.secret(SECRET),
+                        pooler_admin_password=pulumi.Output.secret(ADMIN_SECRET))
 
 
 def build_with_mocks(stack_name: str, **overrides):
@@ -87,6 +92,10 @@ def all_registered(stack) -> pulumi.Output:
                  stack.aurora.key, stack.dms.task, stack.dms.source, stack.dms.target, stack.dms.instance,
                  stack.replication_secret, getattr(stack, "replication_secret_version", None),
                  *children(stack.heroku)]
+    if stack.pooler is not None:
+        resources += [stack.network.pooler, stack.network.pooler_lb, stack.network.pooler_lb_to_pooler,
+                      stack.pooler_admin_secret, stack.pooler_admin_secret_version, *children(stack.pooler),
+                      *stack.pooler.instances, *stack.pooler.attachments]
     return pulumi.Output.all(*[r.urn for r in resources if r is not None])
 
 
@@ -112,7 +121,7 @@ def test_outputs_are_the_runbook_contract(built):
         api = contract.aurora.api
         assert api is not None and api.kind == "rds" and api.region == contract.region
         assert api.cluster_identifier == "tern-aurora-cluster-id" and api.parameter_group == "tern-aurora-params-id"
-        assert SECRET not in json.dumps(outputs)
+        assert SECRET not in json.dumps(outputs) and ADMIN_SECRET not in json.dumps(outputs)
         return True
 
     return pulumi.Output.from_input(stack.outputs).apply(check)
@@ -124,12 +133,13 @@ def test_no_world_open_ingress_and_no_ssh(built):
 
     def check(_):
         groups = of_type(mocks, "aws:ec2/securityGroup:SecurityGroup")
-        assert len(groups) == 3
+        assert len(groups) == 5          # replicas, aurora, dms; the pooler's load balancer and instances
         for name, state in groups:
+            port = 6432 if name.startswith("tern-pooler") else 5432
             for rule in state.get("ingress") or []:
                 assert not set(rule.get("cidrBlocks") or []) & {"0.0.0.0/0"}, name
                 assert not set(rule.get("ipv6CidrBlocks") or []) & {"::/0"}, name
-                assert rule["fromPort"] == 5432 and rule["toPort"] == 5432, (name, rule)
+                assert rule["fromPort"] == port and rule["toPort"] == port, (name, rule)
                 assert not (rule["fromPort"] <= 22 <= rule["toPort"]), name
         replicas = dict(groups)["tern-replicas"]["ingress"]
         assert any(r.get("self") for r in replicas), "replicas must reach each other"
@@ -249,6 +259,9 @@ def test_both_stack_files_set_every_key():
         missing = [k for k in KEY_TYPES if f"tern:{k}" not in data and k not in OPTIONAL_KEYS]
         assert not missing, (stack, missing)
         assert "tern:replication_password" in data and "secure" in data["tern:replication_password"]
+        assert "tern:pooler_admin_password" in data and "secure" in data["tern:pooler_admin_password"]
+        # the pooler's keys have defaults, but each stack file says what it runs
+        assert {"tern:pooler", "tern:pgbouncer_version", "tern:pooler_instance_type", "tern:admin_cidrs"} <= set(data)
 
 
 @pulumi.runtime.test
@@ -353,15 +366,21 @@ def test_load_reads_the_config_the_cli_passes(stack_name, monkeypatch):
     assert cfg.heroku_app == data["tern:heroku_app"] and cfg.database == data["tern:database"]
     assert cfg.dms_source_replica == data.get("tern:dms_source_replica")
     # every key the stack file sets is read exactly as the YAML-based loader reads it
-    assert replace(cfg, replication_password=None) == replace(stack_config(stack_name), replication_password=None)
+    assert cfg.pooler is True and cfg.pgbouncer_version == data["tern:pgbouncer_version"] == "1.18.0-1+deb12u1"
+    assert cfg.admin_cidrs == data["tern:admin_cidrs"]
+    assert replace(cfg, replication_password=None, pooler_admin_password=None) == \
+        replace(stack_config(stack_name), replication_password=None, pooler_admin_password=None)
 
     def check(args):
-        password, is_secret = args
+        password, is_secret, admin_password, admin_is_secret = args
         assert password == SECRET and is_secret
+        assert admin_password == SECRET and admin_is_secret      # cli_config decrypts every secure value to SECRET
         return True
 
     return pulumi.Output.all(cfg.replication_password,
-                             pulumi.Output.from_input(cfg.replication_password.is_secret())).apply(check)
+                             pulumi.Output.from_input(cfg.replication_password.is_secret()),
+                             cfg.pooler_admin_password,
+                             pulumi.Output.from_input(cfg.pooler_admin_password.is_secret())).apply(check)
 
 
 # -- pulumi up leaves the running app alone --------------------------------------------------
@@ -430,7 +449,7 @@ def _dms_source_points_at(mocks, replica: str) -> bool:
     source = dict(of_type(mocks, "aws:dms/endpoint:Endpoint"))["tern-dms-source"]
     assert source["serverName"] == want, (source["serverName"], ips)
     # with a Secrets Manager secret, DMS takes host and port from the secret, not from the server name
-    (_, version), = of_type(mocks, "aws:secretsmanager/secretVersion:SecretVersion")
+    version = dict(of_type(mocks, "aws:secretsmanager/secretVersion:SecretVersion"))["tern-replication"]
     secret = json.loads(unsecret(version["secretString"]))
     assert (secret["host"], secret["port"]) == (want, 5432)
     assert secret["username"] and secret["password"] == SECRET
@@ -453,3 +472,341 @@ def test_dms_source_follows_the_configured_replica(stack_name):
 def test_dms_source_must_name_a_replica():
     with pytest.raises(ValueError, match="dms_source_replica .*ec2-a, ec2-b"):
         build_with_mocks("dev", dms_source_replica="ec2-z")
+
+
+# -- the pooler (issue #12): PgBouncer in front of the leader ---------------------------------
+
+def pooler_instances(mocks) -> dict[str, dict]:
+    return {name: state for name, state in of_type(mocks, "aws:ec2/instance:Instance")
+            if name.startswith("tern-pooler-")}
+
+
+@pulumi.runtime.test
+def test_outputs_export_the_pooler_in_the_contracts_shape(built):
+    stack_name, stack, mocks = built
+    from runbook.contract import parse
+
+    def check(args):
+        outputs = args[0]
+        pooler = parse(outputs, origin=f"stack {stack_name}").pooler
+        assert pooler is not None and pooler.kind == "pgbouncer"
+        assert pooler.host == "tern-pooler-nlb-0a1b2c3d4e.elb.us-east-1.amazonaws.com"
+        assert (pooler.port, pooler.database, pooler.tls, pooler.admin_user) == (6432, "app", True, "tern_admin")
+        # by reference only: the secret's ARN and its JSON key
+        assert pooler.admin_password == "aws-secretsmanager:arn:aws:mock:us-east-1:123456789012:tern-pooler-admin#password"
+        instances = pooler_instances(mocks)
+        zones = sorted(stack_config(stack_name).private_subnets)
+        assert len(pooler.nodes) == len(zones) >= 2
+        assert [n.availability_zone for n in pooler.nodes] == zones            # one per zone, distinct
+        assert [n.name for n in pooler.nodes] == [f"pooler-{z[-1]}" for z in zones]
+        for node in pooler.nodes:
+            inst = instances[f"tern-{node.name}"]
+            assert node.admin_host == inst["private_ip"] and node.admin_port == 6432
+            assert node.availability_zone == inst["availabilityZone"]
+            assert node.commands.kind == "ssm" and node.commands.instance_id == f"tern-{node.name}-id"
+            assert (node.commands.region, node.commands.os_user) == ("us-east-1", "postgres")
+            assert (node.commands.output_bucket, node.commands.output_prefix) == \
+                ("tern-replicas-ssm-output-8f2e1a", "tern/ssm")                # the replicas' bucket, reused
+            assert node.databases_file == "/etc/pgbouncer/tern-databases.ini"
+        assert ADMIN_SECRET not in json.dumps(outputs)
+        return True
+
+    return pulumi.Output.all(pulumi.Output.from_input(stack.outputs), all_registered(stack)).apply(check)
+
+
+@pulumi.runtime.test
+def test_pooler_security_groups(built):
+    stack_name, stack, mocks = built
+
+    def check(_):
+        cfg = stack_config(stack_name)
+        groups = dict(of_type(mocks, "aws:ec2/securityGroup:SecurityGroup"))
+        pooler = groups["tern-pooler"]["ingress"]
+        # the instances: the load balancer's group (clients, health checks) and tern's addresses; nothing else
+        assert sorted((tuple(r.get("securityGroups") or []), tuple(r.get("cidrBlocks") or [])) for r in pooler) == \
+            sorted([(("tern-pooler-lb-id",), ()), ((), tuple(cfg.admin_cidrs))])
+        for rule in pooler + groups["tern-pooler-lb"]["ingress"]:
+            assert (rule["protocol"], rule["fromPort"], rule["toPort"]) == ("tcp", 6432, 6432), rule
+            assert not {"0.0.0.0/0", "::/0"} & set((rule.get("cidrBlocks") or []) + (rule.get("ipv6CidrBlocks") or []))
+            assert not rule.get("self")
+        # the load balancer: only the app's sources, and it may send only to the poolers, on 6432
+        lb = groups["tern-pooler-lb"]
+        assert cfg.app_source_cidrs and not cfg.app_source_security_groups
+        assert [r.get("cidrBlocks") for r in lb["ingress"]] == [cfg.app_source_cidrs]
+        assert not lb.get("egress")
+        (_, egress), = of_type(mocks, "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule")
+        assert (egress["securityGroupId"], egress["referencedSecurityGroupId"]) == ("tern-pooler-lb-id", "tern-pooler-id")
+        assert (egress["ipProtocol"], egress["fromPort"], egress["toPort"]) == ("tcp", 6432, 6432)
+        # PgBouncer's server connections: the replicas (hop 1) and Aurora (hop 2) accept 5432 from the pooler
+        for target in ("tern-replicas", "tern-aurora"):
+            assert any("tern-pooler-id" in (r.get("securityGroups") or []) and (r["fromPort"], r["toPort"]) == (5432, 5432)
+                       for r in groups[target]["ingress"]), target
+        return True
+
+    return all_registered(stack).apply(check)
+
+
+@pulumi.runtime.test
+def test_pooler_load_balancer_is_internal_and_targets_every_node(built):
+    stack_name, stack, mocks = built
+    prod = stack_name == "prod"
+
+    def check(_):
+        cfg = stack_config(stack_name)
+        (_, nlb), = of_type(mocks, "aws:lb/loadBalancer:LoadBalancer")
+        assert nlb["internal"] is True and nlb["loadBalancerType"] == "network"
+        assert nlb["enableCrossZoneLoadBalancing"] is True
+        assert nlb["securityGroups"] == ["tern-pooler-lb-id"]
+        assert sorted(nlb["subnets"]) == sorted(cfg.private_subnets.values())
+        assert nlb["enableDeletionProtection"] is prod          # the app's DATABASE_URL names it
+        (_, tg), = of_type(mocks, "aws:lb/targetGroup:TargetGroup")
+        assert (tg["protocol"], tg["port"], tg["targetType"]) == ("TCP", 6432, "instance")
+        assert tg["healthCheck"]["protocol"] == "TCP"
+        assert tg["preserveClientIp"] == "true"                # the HBA file sees the client's address
+        (_, listener), = of_type(mocks, "aws:lb/listener:Listener")
+        assert (listener["protocol"], listener["port"]) == ("TCP", 6432)
+        assert listener["defaultActions"] == [{"type": "forward", "targetGroupArn": tg["arn"]}]
+        attachments = of_type(mocks, "aws:lb/targetGroupAttachment:TargetGroupAttachment")
+        assert sorted(a["targetId"] for _, a in attachments) == sorted(f"{n}-id" for n in pooler_instances(mocks))
+        assert {(a["port"], a["targetGroupArn"]) for _, a in attachments} == {(6432, tg["arn"])}
+        assert stack.pooler.load_balancer._protect is prod
+        assert all(i._protect is prod for i in stack.pooler.instances)
+        return True
+
+    return all_registered(stack).apply(check)
+
+
+@pulumi.runtime.test
+def test_pooler_instances_imdsv2_encrypted_private_and_least_privilege(built):
+    stack_name, stack, mocks = built
+
+    def check(_):
+        cfg = stack_config(stack_name)
+        instances = pooler_instances(mocks)
+        assert len(instances) == len(cfg.zones) >= 2
+        assert len({i["availabilityZone"] for i in instances.values()}) == len(instances)
+        for name, inst in instances.items():
+            assert inst["metadataOptions"]["httpTokens"] == "required", name
+            assert inst["associatePublicIpAddress"] is False, name
+            assert inst["rootBlockDevice"]["encrypted"] is True, name
+            assert inst["subnetId"] == cfg.private_subnets[inst["availabilityZone"]], name
+            assert inst["vpcSecurityGroupIds"] == ["tern-pooler-id"], name
+            assert inst["iamInstanceProfile"], name
+        policies = {name: json.loads(state["policy"]) for name, state in of_type(mocks, "aws:iam/rolePolicy:RolePolicy")}
+        assert policies["tern-pooler-admin-secret"]["Statement"] == [
+            {"Effect": "Allow", "Action": ["secretsmanager:GetSecretValue"],
+             "Resource": "arn:aws:mock:us-east-1:123456789012:tern-pooler-admin"}]
+        assert policies["tern-pooler-ssm-output-write"]["Statement"] == [
+            {"Effect": "Allow", "Action": ["s3:PutObject"],
+             "Resource": "arn:aws:s3:::tern-replicas-ssm-output-8f2e1a/tern/ssm/*"},
+            {"Effect": "Allow", "Action": ["s3:GetEncryptionConfiguration"],
+             "Resource": "arn:aws:s3:::tern-replicas-ssm-output-8f2e1a"}]
+        assert sorted(n for n in policies if n.startswith("tern-pooler")) == \
+            ["tern-pooler-admin-secret", "tern-pooler-ssm-output-write"]
+        attached = {name: a["policyArn"] for name, a in of_type(mocks, "aws:iam/rolePolicyAttachment:RolePolicyAttachment")}
+        assert attached["tern-pooler-ssm"] == "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"
+        # the secret's value, which the nodes read once at first boot, is stored from the config secret
+        version = dict(of_type(mocks, "aws:secretsmanager/secretVersion:SecretVersion"))["tern-pooler-admin"]
+        assert json.loads(unsecret(version["secretString"])) == {"username": "tern_admin", "password": ADMIN_SECRET}
+        return True
+
+    return all_registered(stack).apply(check)
+
+
+def hba_decision(hba: str, database: str, user: str, address: str, tls: bool) -> str | None:
+    """PgBouncer's first-match HBA evaluation (the subset the file uses); None when no line matches."""
+    import ipaddress
+
+    for line in hba.splitlines():
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        kind, db, who, cidr, method = fields
+        if kind == "hostssl" and not tls:
+            continue
+        ip, net = ipaddress.ip_address(address), ipaddress.ip_network(cidr)
+        if ip.version == net.version and ip in net and db in ("all", database) and who in ("all", user):
+            return method
+    return None
+
+
+def pooler_user_data(mocks) -> str:
+    texts = {state["userData"] for state in pooler_instances(mocks).values()}
+    assert len(texts) == 1, "every pooler node boots the same way"
+    return texts.pop()
+
+
+@pulumi.runtime.test
+def test_pooler_user_data_installs_the_pinned_pgbouncer_transaction_pooling_over_tls(built):
+    import ipaddress
+    import re
+    import subprocess
+
+    stack_name, stack, mocks = built
+
+    def check(_):
+        cfg = stack_config(stack_name)
+        text = pooler_user_data(mocks)
+        assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0, "user data is not valid bash"
+        assert "apt-get install -y -q pgbouncer=1.18.0-1+deb12u1\n" in text and "apt-mark hold pgbouncer" in text
+        ini = text.split("<<'INI'\n", 1)[1].split("\nINI\n", 1)[0]
+        settings = dict(re.findall(r"^(\w+) = (.+)$", ini, re.M))
+        assert settings["listen_port"] == "6432" and settings["pool_mode"] == "transaction"
+        assert settings["auth_type"] == "hba"         # auth_hba_file is read only with auth_type = hba
+        assert settings["auth_file"] == "/etc/pgbouncer/userlist.txt" and settings["admin_users"] == "tern_admin"
+        assert settings["client_tls_sslmode"] == "require" and settings["server_tls_sslmode"] == "require"
+        assert settings["query_wait_timeout"] == "120"
+        assert settings["ignore_startup_parameters"] == "extra_float_digits,options"
+        assert "%include /etc/pgbouncer/tern-databases.ini" in ini.splitlines()
+        assert "printf '[databases]\\n' > /etc/pgbouncer/tern-databases.ini" in text
+        assert "chown postgres:postgres /etc/pgbouncer/tern-databases.ini" in text
+        assert "install -m 0640 -o postgres -g postgres /dev/null /etc/pgbouncer/userlist.txt" in text
+        # postgres replaces its files by rename (the runbook's write_file); the sticky bit keeps root's files
+        assert "chown root:postgres /etc/pgbouncer/tern-hba.conf /etc/pgbouncer/pgbouncer.ini" in text
+        assert "chmod 1770 /etc/pgbouncer\n" in text
+        key, cert = settings["client_tls_key_file"], settings["client_tls_cert_file"]
+        assert re.search(rf"openssl req -x509 .*-keyout {key} -out {cert}", text.replace("\\\n", " "))
+        assert f"chmod 600 {key}" in text
+        # the admin password: read from its secret with the instance role, stored as a SCRAM verifier
+        assert "--secret-id 'arn:aws:mock:us-east-1:123456789012:tern-pooler-admin'" in text
+        assert "python3 /usr/local/lib/tern/pooler_admin_userlist.py tern_admin /etc/pgbouncer/userlist.txt" in text
+        assert ADMIN_SECRET not in text and SECRET not in text
+        assert "systemctl enable pgbouncer" in text and "systemctl restart pgbouncer" in text
+        # the admin console only from tern's addresses, over TLS with SCRAM; everything else hostssl SCRAM
+        hba_file = settings["auth_hba_file"]
+        hba = text.split(f"cat > {hba_file} <<'HBA'\n", 1)[1].split("\nHBA\n", 1)[0]
+        admin = str(next(ipaddress.ip_network(cfg.admin_cidrs[0]).hosts()))
+        outside = "10.99.0.7"
+        assert hba_decision(hba, "pgbouncer", "tern_admin", admin, tls=True) == "scram-sha-256"
+        assert hba_decision(hba, "pgbouncer", "tern_admin", admin, tls=False) == "reject"
+        assert hba_decision(hba, "pgbouncer", "tern_admin", outside, tls=True) == "reject"
+        assert hba_decision(hba, "pgbouncer", "app", admin, tls=True) == "reject"
+        assert hba_decision(hba, "pgbouncer", "tern_admin", "2001:db8::1", tls=True) == "reject"
+        assert hba_decision(hba, "app", "app", outside, tls=True) == "scram-sha-256"
+        assert hba_decision(hba, "app", "app", outside, tls=False) is None            # no TLS: refused
+        for line in hba.splitlines():
+            fields = line.split()
+            if fields and not fields[0].startswith("#") and fields[-1] != "reject":
+                assert fields[0] == "hostssl" and fields[-1] == "scram-sha-256", line
+        return True
+
+    return all_registered(stack).apply(check)
+
+
+def test_pooler_admin_verifier_is_postgresqls_scram():
+    """The RFC 7677 example: the verifier proves the same client proof and server signature."""
+    import base64
+    import hashlib
+    import hmac
+
+    from infra.pooler import USERLIST_PY
+
+    script: dict = {}
+    exec(compile(USERLIST_PY, "pooler_admin_userlist.py", "exec"), script)
+    verifier = script["scram_verifier"]("pencil", base64.b64decode("W22ZaJ0SNY7soEsUEjb6gQ=="))
+    head, keys = verifier.split("$", 1)[1].split("$")
+    assert verifier.startswith("SCRAM-SHA-256$4096:W22ZaJ0SNY7soEsUEjb6gQ==$")
+    stored_key, server_key = (base64.b64decode(k) for k in keys.split(":"))
+    nonce = "rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0"
+    auth = f"n=user,r=rOprNGfwEbeRWgbNEkqO,r={nonce},s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096,c=biws,r={nonce}".encode()
+    # the server checks a client proof against StoredKey, and signs with ServerKey
+    proof = base64.b64decode("dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=")
+    client_key = bytes(a ^ b for a, b in zip(proof, hmac.new(stored_key, auth, "sha256").digest()))
+    assert hashlib.sha256(client_key).digest() == stored_key
+    assert base64.b64encode(hmac.new(server_key, auth, "sha256").digest()).decode() == \
+        "6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+
+
+def test_pooler_admin_userlist_script_keeps_other_lines_and_refuses_what_scram_would_not_match(tmp_path):
+    import subprocess
+    import sys
+
+    from infra.pooler import USERLIST_PY
+
+    script = tmp_path / "pooler_admin_userlist.py"
+    script.write_text(USERLIST_PY)
+    userlist = tmp_path / "userlist.txt"
+    userlist.write_text('"app" "SCRAM-SHA-256$4096:c2FsdA==$a2V5:a2V5"\n"tern_admin" "old"\n')
+
+    def run(password):
+        return subprocess.run([sys.executable, str(script), "tern_admin", str(userlist)], text=True,
+                              input=json.dumps({"username": "tern_admin", "password": password}), capture_output=True)
+
+    done = run("s3cret pass")
+    assert done.returncode == 0, done.stderr
+    lines = userlist.read_text().splitlines()
+    assert lines[0] == '"app" "SCRAM-SHA-256$4096:c2FsdA==$a2V5:a2V5"' and len(lines) == 2
+    assert lines[1].startswith('"tern_admin" "SCRAM-SHA-256$4096:') and "s3cret" not in lines[1]
+    assert "s3cret" not in done.stdout + done.stderr
+    before = userlist.read_text()
+    refused = run("pässword")
+    assert refused.returncode != 0 and "printable ASCII" in refused.stderr
+    assert userlist.read_text() == before
+
+
+@pytest.mark.parametrize("stack_name", ["dev", "prod"])
+@pulumi.runtime.test
+def test_pooler_off_leaves_no_pooler(stack_name):
+    stack, mocks = build_with_mocks(stack_name, pooler=False)
+    from runbook.contract import parse
+
+    def check(args):
+        outputs = args[0]
+        assert "pooler" not in outputs and parse(outputs).pooler is None
+        assert stack.pooler is None and stack.pooler_admin_secret is None
+        assert not pooler_instances(mocks)
+        assert not [t for t, _, _ in mocks.resources if t.startswith("aws:lb/")]
+        groups = dict(of_type(mocks, "aws:ec2/securityGroup:SecurityGroup"))
+        assert sorted(groups) == ["tern-aurora", "tern-dms", "tern-replicas"]
+        assert not any(r["fromPort"] == 6432 for g in groups.values() for r in g.get("ingress") or [])
+        assert list(dict(of_type(mocks, "aws:secretsmanager/secret:Secret"))) == ["tern-replication"]
+        return True
+
+    return pulumi.Output.all(pulumi.Output.from_input(stack.outputs), all_registered(stack)).apply(check)
+
+
+def test_pooler_needs_two_zones():
+    from infra.config import from_mapping
+    from infra.pooler import Poolers, PoolersArgs
+
+    data = yaml.safe_load((ROOT / "Pulumi.dev.yaml").read_text())["config"]
+    values = {k: v for k, v in data.items() if k.startswith("tern:")}
+
+    with pytest.raises(ValueError, match="private_subnets needs subnets in at least two availability zones"):
+        from_mapping({**values, "tern:private_subnets": {"us-east-1a": "subnet-1"}}, pooler_admin_password="x")
+    # the component refuses on its own too, naming the key
+    pulumi.runtime.set_mocks(Mocks(), project="tern", stack="dev", preview=False)
+    args = PoolersArgs(zones=["us-east-1a"], subnets={"us-east-1a": "subnet-1"}, vpc_id="vpc-1",
+                       security_group_id="sg-1", lb_security_group_id="sg-2", instance_type="c6i.large",
+                       ami_id="ami-1", region="us-east-1", pgbouncer_version="1.18.0-1+deb12u1",
+                       admin_cidrs=["10.0.0.0/24"], admin_secret_arn="arn:secret", command_output_bucket="b")
+    with pytest.raises(ValueError, match=r"tern:private_subnets .*tern:pooler.* at least two"):
+        Poolers("tern-pooler", args)
+
+
+def test_pooler_config_guards():
+    from infra.config import PGBOUNCER_VERSION, from_mapping
+
+    data = yaml.safe_load((ROOT / "Pulumi.dev.yaml").read_text())["config"]
+    values = {k: v for k, v in data.items() if k.startswith("tern:") and not k.endswith("_password")}
+    ok = dict(values)
+    assert from_mapping(ok, pooler_admin_password="x").pgbouncer_version == "1.18.0-1+deb12u1"
+    defaults = {k: v for k, v in ok.items() if k not in ("tern:pooler", "tern:pgbouncer_version")}
+    cfg = from_mapping(defaults, pooler_admin_password="x")
+    assert cfg.pooler is True and cfg.pgbouncer_version == PGBOUNCER_VERSION == "1.18.0-1+deb12u1"
+    for version in ("1.18.*", "1.18.0", "1.18.0-1 ; curl evil", "latest", ""):
+        with pytest.raises(ValueError, match="pgbouncer_version must name one exact Debian package version"):
+            from_mapping({**ok, "tern:pgbouncer_version": version or " "}, pooler_admin_password="x")
+    with pytest.raises(ValueError, match="admin_cidrs is required when tern:pooler is on"):
+        from_mapping({**ok, "tern:admin_cidrs": []}, pooler_admin_password="x")
+    for world in ("0.0.0.0/0", "::/0"):
+        with pytest.raises(ValueError, match="must not open the admin console to the world"):
+            from_mapping({**ok, "tern:admin_cidrs": ["10.1.0.0/24", world]}, pooler_admin_password="x")
+    for bad in ("10.1.0.5/24", "tern-host", "10.1.0.0/24 md5"):
+        with pytest.raises(ValueError, match="is not a network address"):
+            from_mapping({**ok, "tern:admin_cidrs": [bad]}, pooler_admin_password="x")
+    with pytest.raises(ValueError, match="missing tern:pooler_admin_password"):
+        from_mapping(ok)
+    # off: none of the pooler's keys is needed
+    off = from_mapping({**ok, "tern:pooler": False, "tern:admin_cidrs": []})
+    assert off.pooler is False and off.pooler_admin_password is None
