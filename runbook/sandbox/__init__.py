@@ -9,6 +9,9 @@ S3 bucket (WAL-G layout)   ``archive/``: ``wal/`` segments and ``basebackups/`` 
 EC2 replicas (2+ AZs)      ``nodes/ec2-*``: empty hosts, restored by ``invoke restore``
 SSM Run Command            a local subprocess as the ``postgres`` OS user
 Aurora                     ``nodes/aurora``: its own master role
+PgBouncer poolers (NLB)    ``nodes/pooler``: one real PgBouncer (``pooler-a``), TLS,
+                           transaction pooling, its ``databases.ini`` naming the
+                           source; only when pgbouncer is installed (``./dev setup``)
 Heroku app                 :mod:`runbook.workload` processes, ``app/state.json``
 =========================  ==========================================================
 

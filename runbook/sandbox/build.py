@@ -8,6 +8,7 @@ import os
 import pwd
 import secrets as pysecrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -44,6 +45,13 @@ DATASETS = ("inventory", "chinook")
 LOCALE = "en_US.UTF-8"
 FALLBACK_LOCALE = "C.UTF-8"
 
+# The pooler (issue #12): one real PgBouncer in front of the database, as pooler-a on AWS
+POOLER_DIR = "pooler"             # nodes/pooler
+POOLER_NODE = "pooler-a"          # the contract's pooler.nodes[0].name
+POOLER_ZONE = ZONES[0]
+POOLER_ADMIN = "tern_admin"       # admin_users: the admin console is tern's
+PGBOUNCER_FALLBACK = "/usr/sbin/pgbouncer"   # Debian's, off an ordinary user's PATH
+
 ARCHIVE_COMMAND = (
     "d={arch}/wal; if [ -f $d/%f ]; then cmp -s %p $d/%f; "
     "else cp %p $d/.%f.tmp && sync $d/.%f.tmp && mv $d/.%f.tmp $d/%f; fi"
@@ -68,6 +76,37 @@ def sandbox_locale() -> str:
     log.warning("the %s locale is missing (run ./dev setup, or generate it: Debian `locale-gen`): the sandbox uses %s, "
                 "so the collation check sees no collation version", LOCALE, FALLBACK_LOCALE)
     return FALLBACK_LOCALE
+
+
+def pgbouncer_binary() -> str | None:
+    """The pgbouncer executable, or None (the sandbox then runs without a pooler)."""
+    found = shutil.which("pgbouncer")
+    if found:
+        return found
+    return PGBOUNCER_FALLBACK if os.access(PGBOUNCER_FALLBACK, os.X_OK) else None
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie nobody reaped yet does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass   # someone else's process: it exists
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def _port_open(port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _free_ports(count: int, start: int | None = None) -> list[int]:
@@ -137,7 +176,9 @@ class Sandbox:
 
     # -- up -----------------------------------------------------------------------
     def up(self, *, replicas: int = 2, scale: int = 1, dataset: str = "inventory", rate: float = 100.0,
-           start_app: bool = True, progress=None) -> dict[str, Any]:
+           start_app: bool = True, progress=None, pooler: bool | None = None) -> dict[str, Any]:
+        """Build the sandbox (or, when it is up, make sure every process runs). ``pooler``: a PgBouncer
+        in front of the source (None: when a pgbouncer binary is found)."""
         if dataset not in DATASETS:
             raise ConfigError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
         if not 2 <= replicas <= len(ZONES):
@@ -147,7 +188,18 @@ class Sandbox:
         if rate <= 0:
             raise ConfigError(f"rate must be positive, got {rate}")
         step = progress or (lambda msg: log.info(msg))
+        pgbouncer = pgbouncer_binary()
+        if pooler and pgbouncer is None:
+            raise ConfigError("a pooler was asked for but no pgbouncer binary is found (on PATH or "
+                              f"{PGBOUNCER_FALLBACK}): run ./dev setup, or install the pgbouncer package")
+        if pooler is None:
+            pooler = pgbouncer is not None
+            if not pooler and not self.exists():
+                log.info("no pgbouncer binary found: the sandbox runs without a pooler")
         if self.exists():
+            if pooler and not self.has_pooler():
+                raise ConfigError(f"the sandbox in {self.root} is up without a pooler: take it down "
+                                  "(invoke sandbox.down) to build it again with one")
             step("sandbox already up: making sure every server runs")
             self.ensure_running(start_app=start_app)
             return self.outputs()
@@ -160,7 +212,7 @@ class Sandbox:
         os.chmod(self.root, 0o755)
         self._check_reachable()
         names = ["source", "aurora"] + [f"ec2-{chr(ord('a') + i)}" for i in range(replicas)]
-        ports = _free_ports(len(names))
+        ports = _free_ports(len(names) + (1 if pooler else 0))
         state = {
             "bin_dir": str(bin_dir), "pg_major": major, "dataset": dataset, "scale": scale,
             "locale": sandbox_locale(),
@@ -170,6 +222,10 @@ class Sandbox:
         }
         for i, n in enumerate(names[2:]):
             state["nodes"][n]["availability_zone"] = ZONES[i]
+        if pooler:
+            # not in "nodes" (those are PostgreSQL servers): the pooler is its own kind of process
+            state["pooler"] = {"port": ports[len(names)], "binary": pgbouncer, "name": POOLER_NODE,
+                               "availability_zone": POOLER_ZONE}
         for sub in ("nodes", "archive/wal", "archive/basebackups"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         for n in names:
@@ -180,6 +236,8 @@ class Sandbox:
         self.state_file.write_text(json.dumps(state, indent=1))
         passwords = {k: pysecrets.token_urlsafe(18) for k in ("app_password", "aurora_master_password",
                                                                "replication_password")}
+        if pooler:
+            passwords["pooler_admin_password"] = pysecrets.token_urlsafe(18)
         write_secret_file(self.secrets_file, passwords)
 
         step("creating the Heroku stand-in (source)")
@@ -190,6 +248,9 @@ class Sandbox:
         self.take_base_backup(state)
         step("creating the Aurora stand-in")
         self._init_aurora(state, passwords)
+        if pooler:
+            step("starting the pooler (PgBouncer) in front of the source")
+            self._init_pooler(state, passwords)
         self._write_outputs(state)
         self.app_dir.mkdir(parents=True, exist_ok=True)
         write_state(self.app_dir, AppState(
@@ -302,6 +363,202 @@ class Sandbox:
                 f"IN ROLE {RDS_SUPERUSER} PASSWORD {_literal(passwords['aurora_master_password'])};")
         pg.psql(f"CREATE DATABASE {APP_DB} OWNER {AURORA_MASTER}")
 
+    # -- pooler -------------------------------------------------------------------
+    @property
+    def pooler_dir(self) -> Path:
+        return self.root / "nodes" / POOLER_DIR
+
+    def _pooler_paths(self) -> dict[str, Path]:
+        d = self.pooler_dir
+        return {"ini": d / "pgbouncer.ini", "userlist": d / "userlist.txt", "databases": d / "databases.ini",
+                "cert": d / "tls" / "server.crt", "key": d / "tls" / "server.key", "run": d / "run",
+                "pidfile": d / "run" / "pgbouncer.pid", "logfile": d / "pgbouncer.log"}
+
+    def _pooler_ini(self, port: int) -> str:
+        p = self._pooler_paths()
+        return (f"""# tern sandbox: PgBouncer in front of the database (issue #12)
+; tern names the database in {p["databases"]} (point: rewrite, then RELOAD)
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir = {p["run"]}
+auth_type = scram-sha-256
+auth_file = {p["userlist"]}
+admin_users = {POOLER_ADMIN}
+pool_mode = transaction
+max_client_conn = 500
+default_pool_size = 20
+client_tls_sslmode = require
+client_tls_key_file = {p["key"]}
+client_tls_cert_file = {p["cert"]}
+; the EC2 replicas accept only TLS; the Heroku stand-in has none
+server_tls_sslmode = prefer
+ignore_startup_parameters = extra_float_digits,options
+query_wait_timeout = 120
+server_reset_query =
+logfile = {p["logfile"]}
+pidfile = {p["pidfile"]}
+
+%include {p["databases"]}
+""")
+
+    def _init_pooler(self, state: dict[str, Any], passwords: dict[str, str]) -> None:
+        """nodes/pooler: its configuration, the app role's and tern_admin's passwords, a self-signed
+        certificate, the databases file naming the source; then PgBouncer, started."""
+        from ..pooler import Target, databases_text
+
+        info = state["pooler"]
+        p = self._pooler_paths()
+        self.pooler_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.pooler_dir, 0o700)
+        p["run"].mkdir(exist_ok=True)
+        os.chmod(p["run"], 0o700)
+        p["cert"].parent.mkdir(exist_ok=True)
+        os.chmod(p["cert"].parent, 0o700)
+        self._chown(self.pooler_dir)
+        host = LocalHost(POOLER_NODE, self.os_user)     # the files are the OS user's that runs pgbouncer
+        # plain text: PgBouncer logs in to whichever server it points at with the app role's own password
+        # (source, replicas and Aurora share it); the file is 0600
+        host.write_file(str(p["userlist"]), "".join(f'"{user}" "{password}"\n' for user, password in (
+            (APP_ROLE, passwords["app_password"]), (POOLER_ADMIN, passwords["pooler_admin_password"]))))
+        source = Target("127.0.0.1", int(state["nodes"]["source"]["port"]), APP_DB)
+        host.write_file(str(p["databases"]), databases_text(APP_DB, source))
+        if shutil.which("openssl") is None:
+            raise ConfigError("openssl is not installed: the sandbox's pooler needs it for its certificate "
+                              "(Debian: apt-get install openssl)")
+        host.run(["sh", "-c", 'umask 077 && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 '
+                  '-nodes -days 3650 -sha256 -subj "/CN=127.0.0.1" -addext "subjectAltName=IP:127.0.0.1" '
+                  '-keyout "$1" -out "$2" 2>&1', "sh", str(p["key"]), str(p["cert"])], timeout=120)
+        host.write_file(str(p["ini"]), self._pooler_ini(info["port"]))
+        self._start_pooler(state)
+
+    def _start_pooler(self, state: dict[str, Any], *, attempts: int = 5, timeout: float = 30.0) -> None:
+        """Start PgBouncer daemonized as the OS user; return once it accepts connections. If another
+        process took its port meanwhile (a new sandbox only), move to a free one."""
+        info = state["pooler"]
+        p = self._pooler_paths()
+        host = LocalHost(POOLER_NODE, self.os_user)
+        for attempt in range(attempts):
+            if self._pooler_pid() is None:
+                # a stale pidfile whose pid now belongs to another process would stop pgbouncer starting
+                p["pidfile"].unlink(missing_ok=True)
+            offset = p["logfile"].stat().st_size if p["logfile"].exists() else 0
+            # -q: nothing on stderr (the logfile has it); -d: the command returns once it has forked
+            host.run([info["binary"], "-d", "-q", str(p["ini"])], timeout=60, check=False)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < timeout:
+                pid = self._pooler_pid()
+                # PgBouncer (1.18) does not exit when its TCP port is taken: it warns "cannot listen on
+                # ...: Address already in use" and serves its unix socket only, while the port answers
+                # for someone else. Ready: the admin console lets tern_admin in on the port.
+                if pid is not None and "cannot listen" in self._pooler_log(offset):
+                    break
+                if pid is not None and _port_open(info["port"]) and self._pooler_answers(info["port"]):
+                    return
+                if pid is None and time.monotonic() - t0 > 2:
+                    break   # no process after 2 s: it failed (its log says why)
+                time.sleep(0.05)
+            log_text = self._pooler_log(offset)
+            if "already in use" in log_text and attempt < attempts - 1 and not self.exists():
+                self.stop_pooler()
+                info["port"] = _free_ports(1)[0]
+                host.write_file(str(p["ini"]), self._pooler_ini(info["port"]))
+                self.state_file.write_text(json.dumps(state, indent=1))
+                continue
+            self.stop_pooler()
+            tail = "\n".join(log_text.strip().splitlines()[-5:]) or "(nothing in its log)"
+            raise SandboxError(f"the pooler (pgbouncer on 127.0.0.1:{info['port']}) did not start within "
+                               f"{timeout:.0f}s; {p['logfile']}:\n{tail}")
+
+    def _pooler_answers(self, port: int) -> bool:
+        """Whether this sandbox's PgBouncer answers on ``port``: its admin console lets tern_admin in
+        (someone else on the port would not)."""
+        try:
+            password = json.loads(self.secrets_file.read_text())["pooler_admin_password"]
+            with psycopg.connect(host="127.0.0.1", port=port, dbname="pgbouncer", user=POOLER_ADMIN,
+                                 password=password, sslmode="require", connect_timeout=2, autocommit=True,
+                                 cursor_factory=psycopg.ClientCursor, application_name="tern:sandbox") as conn:
+                conn.execute("SHOW VERSION")
+            return True
+        except (OSError, KeyError, ValueError, psycopg.Error):
+            return False
+
+    def _pooler_log(self, offset: int = 0) -> str:
+        try:
+            with open(self._pooler_paths()["logfile"], "rb") as fh:
+                fh.seek(offset)
+                return fh.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def _pooler_pid(self) -> int | None:
+        """The running pgbouncer's pid (from its pidfile), or None."""
+        try:
+            pid = int(self._pooler_paths()["pidfile"].read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if pid <= 0 or not _pid_alive(pid):
+            return None
+        try:   # a stale pidfile may name someone else's process: only ours is signalled
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return pid   # no /proc: trust the pidfile
+        ours = any(os.path.basename(a) == b"pgbouncer" for a in cmdline[:1]) and \
+            str(self._pooler_paths()["ini"]).encode() in cmdline
+        return pid if ours else None
+
+    def has_pooler(self) -> bool:
+        return self.state_file.exists() and bool(self.state().get("pooler"))
+
+    def pooler_running(self) -> bool:
+        """PgBouncer runs and accepts connections."""
+        if not self.has_pooler():
+            return False
+        return self._pooler_pid() is not None and _port_open(self.state()["pooler"]["port"])
+
+    def start_pooler(self) -> None:
+        """Start the pooler if it is not running (it keeps its port and databases file)."""
+        if not self.has_pooler():
+            raise SandboxError("this sandbox has no pooler (it was built without pgbouncer)")
+        if self._pooler_pid() is None:
+            self._start_pooler(self.state())
+
+    def stop_pooler(self, timeout: float = 10.0) -> None:
+        """Stop PgBouncer: SIGINT (its safe shutdown: waits for the transactions in flight), then SIGKILL
+        if it has not gone within ``timeout``. Idempotent."""
+        pid = self._pooler_pid()
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + timeout
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _pid_alive(pid):
+                log.warning("the pooler (pid %d) did not stop within %.0fs: killing it", pid, timeout)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                deadline = time.monotonic() + 10
+                while _pid_alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+        # a stale pidfile (a kill leaves it) could name someone else's process later
+        self._pooler_paths()["pidfile"].unlink(missing_ok=True)
+
+    def _pooler_outputs(self, state: dict[str, Any]) -> dict[str, Any] | None:
+        info = state.get("pooler")
+        if not info:
+            return None
+        return {"kind": "pgbouncer", "host": "127.0.0.1", "port": info["port"], "database": APP_DB, "tls": True,
+                "admin_user": POOLER_ADMIN, "admin_password": f"file:{self.secrets_file}#pooler_admin_password",
+                "nodes": [{"name": info.get("name", POOLER_NODE),
+                           "availability_zone": info.get("availability_zone", POOLER_ZONE),
+                           "admin_host": "127.0.0.1", "admin_port": info["port"],
+                           "commands": {"kind": "local", "os_user": self.os_user},
+                           "databases_file": str(self._pooler_paths()["databases"])}]}
+
     def _aurora_api(self, state: dict[str, Any]) -> dict[str, Any]:
         """The stand-in for the RDS API (contract ``aurora.api``, kind ``local``): the node's superuser."""
         pg = self.node("aurora", state)
@@ -333,6 +590,7 @@ class Sandbox:
                        "master_user": AURORA_MASTER, "master_password": f"{ref}#aurora_master_password",
                        "api": self._aurora_api(state)},
             "dms": None,
+            "pooler": self._pooler_outputs(state),
             "credentials": {"replication_password": f"{ref}#replication_password"},
         }
         from ..contract import parse
@@ -349,6 +607,8 @@ class Sandbox:
             pg = self.node(name, state)
             if pg.has_data():
                 pg.start(timeout=60)
+        if state.get("pooler") and self._pooler_pid() is None:
+            self._start_pooler(state)
         if start_app:
             app = self.app()
             formation = app.formation()
@@ -367,6 +627,8 @@ class Sandbox:
                 result = self.check_ledger()
         if self.state_file.exists():
             state = self.state()
+            if state.get("pooler"):
+                self.stop_pooler()   # before the servers: its server connections close cleanly
             for name in state["nodes"]:
                 pg = self.node(name, state)
                 try:
