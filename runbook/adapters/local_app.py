@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -70,6 +71,19 @@ class LocalApp(AppControl):
             changes["burst_factor"] = float(burst_factor)
             changes["burst_until"] = time.time() + float(burst_seconds or 0)
         self._update(**changes)
+
+    def boot_seconds(self) -> float:
+        """Sandbox only: how long a dyno takes to boot (0.0 when the state predates the setting)."""
+        return float(self._state().boot_seconds)
+
+    def set_boot_seconds(self, seconds: float) -> None:
+        """Sandbox only: how long each dyno waits before its first connection, on process start and
+        on the restart that every config-var change causes (as a real app boots on Heroku).
+        Takes effect at the next boot; changing it restarts nothing (it is not a config var)."""
+        s = float(seconds)
+        if not math.isfinite(s) or s < 0:
+            raise ConfigError(f"boot_seconds must be a finite number >= 0, got {seconds!r}")
+        self._update(boot_seconds=s)
 
     # -- processes --------------------------------------------------------
     def _pidfile(self, dyno: str) -> Path:

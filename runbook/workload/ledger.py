@@ -8,8 +8,18 @@ loses nothing written) and ``fdatasync``-ed after each ack (a machine crash neit
 
 Line format (JSON)::
 
+    {"ev": "intent", "ts": 1732540000.101, "dyno": "web.1", "table": "orders",
+     "key": "<uuid>", "endpoint": "127.0.0.1:54321", "began": 1732540000.095}
     {"ev": "ack", "ts": 1732540000.123456, "dyno": "web.1", "table": "orders",
      "key": "<uuid>", "endpoint": "127.0.0.1:54321"}
+    {"ev": "error", "ts": 1732540001.2, "dyno": "web.1", "table": "orders", "key": "",
+     "endpoint": "127.0.0.1:54321", "message": "terminating connection due to administrator command"}
+
+``began`` (wall clock, taken before the transaction's first statement) is absent from records
+written before it existed: readers treat it as unknown. An ``error`` line is a write that failed
+as its client saw it (its transaction raised, or the connection it needed could not be made): the
+first line of the message, redacted, and an empty ``key``. The checks ignore it: a write whose
+COMMIT raised is already in doubt through its ``intent``.
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ from pathlib import Path
 from typing import Iterable
 
 import psycopg
+
+from ..redact import redact
 
 LEDGER_DIR = "ledger"
 
@@ -40,31 +52,46 @@ class LedgerWriter:
         self.fsync = fsync
         self.fd = os.open(directory / f"{dyno}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
-    def _write(self, ev: str, ts: float, table: str, key: str, endpoint: str, sync: bool) -> None:
-        line = json.dumps({"ev": ev, "ts": ts, "dyno": self.dyno, "table": table, "key": key,
-                           "endpoint": endpoint}, separators=(",", ":")) + "\n"
+    def _write(self, ev: str, ts: float, table: str, key: str, endpoint: str, sync: bool, **extra) -> None:
+        record = {"ev": ev, "ts": ts, "dyno": self.dyno, "table": table, "key": key, "endpoint": endpoint}
+        record.update({k: v for k, v in extra.items() if v is not None})
+        line = json.dumps(record, separators=(",", ":")) + "\n"
         os.write(self.fd, line.encode())
         if sync and self.fsync:
             os.fdatasync(self.fd)
 
-    def intent(self, ts: float, table: str, key: str, endpoint: str) -> None:
-        self._write("intent", ts, table, key, endpoint, sync=False)
+    def intent(self, ts: float, table: str, key: str, endpoint: str, began: float | None = None) -> None:
+        self._write("intent", ts, table, key, endpoint, sync=False, began=began)
 
     def ack(self, ts: float, table: str, key: str, endpoint: str) -> None:
         self._write("ack", ts, table, key, endpoint, sync=True)
+
+    def error(self, ts: float, table: str, endpoint: str, message: object) -> None:
+        """A write that failed, as its client saw it: the message's first line, never a password."""
+        self._write("error", ts, table, "", endpoint, sync=False, message=error_message(message))
 
     def close(self) -> None:
         os.close(self.fd)
 
 
+def error_message(message: object, limit: int = 300) -> str:
+    """The first non-empty line of ``message``, redacted, at most ``limit`` characters."""
+    text = message if isinstance(message, str) else (str(message) or type(message).__name__)
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    first = redact(lines[0]) if lines else ""
+    return first[:limit]
+
+
 @dataclass(frozen=True)
 class Entry:
-    ev: str
+    ev: str                      # "intent", "ack" or "error"
     ts: float
     dyno: str
     table: str
     key: str
     endpoint: str
+    began: float | None = None   # intent: when the transaction began (None: not recorded)
+    message: str | None = None   # error: the first line of the message, redacted
 
 
 def read(state_dir: Path) -> list[Entry]:
@@ -81,7 +108,11 @@ def read(state_dir: Path) -> list[Entry]:
                 d = json.loads(raw)
             except json.JSONDecodeError:
                 continue  # a line torn by a crash mid-write: it was never acknowledged
-            entries.append(Entry(d["ev"], d["ts"], d["dyno"], d["table"], d["key"], d["endpoint"]))
+            try:
+                entries.append(Entry(d["ev"], d["ts"], d["dyno"], d.get("table", ""), d.get("key", ""),
+                                     d.get("endpoint", ""), d.get("began"), d.get("message")))
+            except (KeyError, TypeError):
+                continue  # not a ledger record
     entries.sort(key=lambda e: e.ts)
     return entries
 
@@ -105,12 +136,49 @@ class LedgerCheck:
 
 
 def acked_and_doubt(entries: Iterable[Entry]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """Keys acknowledged, and keys with an ``intent`` but no ``ack`` (in doubt), per table.
+    Other records (``error``) are neither."""
     acked: dict[str, set[str]] = defaultdict(set)
     intents: dict[str, set[str]] = defaultdict(set)
     for e in entries:
-        (acked if e.ev == "ack" else intents)[e.table].add(e.key)
+        if e.ev == "ack":
+            acked[e.table].add(e.key)
+        elif e.ev == "intent":
+            intents[e.table].add(e.key)
     doubt = {t: keys - acked.get(t, set()) for t, keys in intents.items()}
     return acked, doubt
+
+
+def _within(ts: float, since: float | None, until: float | None) -> bool:
+    return (since is None or ts >= since) and (until is None or ts <= until)
+
+
+def held_seconds(entries: Iterable[Entry], since: float | None = None,
+                 until: float | None = None) -> float | None:
+    """The longest time a client waited for a write: from its transaction's ``began`` to its ``ack``,
+    over writes acknowledged in [``since``, ``until``] (by ack time). None when no such write has
+    a known ``began`` (records written before ``began`` existed have none)."""
+    entries = list(entries)
+    began: dict[tuple[str, str], float] = {}
+    for e in entries:
+        if e.ev == "intent" and e.began is not None:
+            began[(e.table, e.key)] = e.began
+    longest: float | None = None
+    for e in entries:
+        if e.ev != "ack" or not _within(e.ts, since, until):
+            continue
+        b = began.get((e.table, e.key))
+        if b is None:
+            continue
+        held = e.ts - b
+        if longest is None or held > longest:
+            longest = held
+    return longest
+
+
+def errors(entries: Iterable[Entry], since: float | None = None, until: float | None = None) -> int:
+    """How many writes failed as their clients saw it (``error`` records) in [``since``, ``until``]."""
+    return sum(1 for e in entries if e.ev == "error" and _within(e.ts, since, until))
 
 
 def check(entries: list[Entry], conn: psycopg.Connection, *, exact: bool = True) -> LedgerCheck:

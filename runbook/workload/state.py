@@ -1,4 +1,4 @@
-"""The local app's control state: config vars, maintenance mode, formation, load settings.
+"""The local app's control state: config vars, maintenance mode, formation, load settings, boot delay.
 
 One JSON file (mode 0600: it holds DATABASE_URL with its password), written
 atomically by the controller (:class:`runbook.adapters.local_app.LocalApp`) and
@@ -26,6 +26,9 @@ class AppState:
     worker_share: float = 0.25
     burst_factor: float = 1.0
     burst_until: float = 0.0
+    # how long a dyno takes to boot: on process start, and on the restart every config-var change
+    # causes (Heroku restarts every dyno then); absent from older state files: 0, no delay
+    boot_seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
