@@ -274,6 +274,17 @@ def app_url(pooler: Pooler, app_url_now: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, urlencode(query), parts.fragment))
 
 
+def url_behind(url: str, target: Target, *, tls: bool) -> str:
+    """``url``'s role and password at ``target`` (the database a pooler names); TLS required when ``tls``."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(with_endpoint(url, target.host, target.port))
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in ("sslmode", "sslrootcert")]
+    if tls:
+        query.append(("sslmode", "require"))
+    return urlunsplit((parts.scheme, parts.netloc, "/" + target.dbname, urlencode(query), parts.fragment))
+
+
 def points_at_pooler(pooler: Pooler, url: str | None) -> bool:
     if not url:
         return False

@@ -7,7 +7,9 @@ preflight stopped it, nothing changed), ``reason``,
 ``candidate``, ``new_leader``, ``steps[]`` (``name``, ``started_at``, ``ended_at``, ``seconds``,
 ``outcome``, ``detail``), ``downtime`` (``maintenance_at``, ``switched_at``, ``app_started_at``),
 ``write_unavailability`` (``last_ack_on_source``, ``first_ack_on_target``, ``target``, ``seconds``;
-from the app's ledger, sandbox only), ``acknowledged_writes``, ``missing_on_target`` (must be 0),
+from the app's ledger, sandbox only: the app's unavailability), ``database_unavailability`` (``fenced_at``,
+``writable_at``, ``seconds``: the fence to the new database taking writes), ``switch_mode`` (pooler | url),
+``client_errors`` and ``longest_held_query_seconds`` (from the ledger, around the window), ``acknowledged_writes``, ``missing_on_target`` (must be 0),
 ``missing_keys``, ``checked_on``, ``verification`` (the in-window gate), ``verification_full`` (every
 row: hop 1 after the switch against a replica held at the final LSN; hop 2 before the freeze against an
 EC2 standby held where Aurora's apply stopped), ``repoint_failures``, ``catchup_seconds``.
@@ -87,6 +89,8 @@ def _build(journal: Journal, outputs: Outputs | None) -> dict[str, Any]:
         "verification": state.verification,
         "verification_full": state.verification_full,
         "repoint_failures": state.repoint_failures or {},
+        "switch_mode": state.switch_mode or "url",
+        "database_unavailability": database_unavailability(state),
         "write_unavailability": None, "acknowledged_writes": None, "missing_on_target": None, "missing_keys": {},
     }
     # the sandbox app's ledger (also when the Heroku stand-in drives that app)
@@ -98,15 +102,28 @@ def _build(journal: Journal, outputs: Outputs | None) -> dict[str, Any]:
     return report
 
 
+def database_unavailability(state: RunState) -> dict[str, Any] | None:
+    """From the fence to the new database accepting writes: the promotion (hop 1) or the switch-over with the
+    reverse replication running (hop 2). The app's own unavailability (``write_unavailability``) adds the
+    switch of its endpoint and, in url mode, its dynos' restart."""
+    ready = state.promoted_at or state.switched_over_at
+    if state.fenced_at is None:
+        return None
+    return {"fenced_at": state.fenced_at, "writable_at": ready,
+            "seconds": round(ready - state.fenced_at, 3) if ready else None}
+
+
 def ledger_figures(outputs: Outputs, state: RunState, fallback_at: float | None = None) -> dict[str, Any]:
     """From the sandbox app's ledger: the window without acknowledged writes, and writes lost on the target."""
     from .workload import ledger
 
     entries = [e for e in ledger.read(outputs.app.state_dir)]
     acks = [e for e in entries if e.ev == "ack"]
-    source = state.source_endpoint
+    source = state.app_endpoint or state.source_endpoint   # pooler mode: the app writes to the pooler throughout
     leader = None
-    if state.new_leader and state.target_endpoint:
+    if state.app_endpoint:
+        leader = state.app_endpoint if state.new_leader else None
+    elif state.new_leader and state.target_endpoint:
         leader = state.target_endpoint            # hop 2: Aurora (the rollback: the EC2 leader)
     elif state.new_leader:
         r = outputs.replica(state.new_leader)
@@ -125,6 +142,12 @@ def ledger_figures(outputs: Outputs, state: RunState, fallback_at: float | None 
         figures["write_unavailability"] = {
             "last_ack_on_source": last_src, "first_ack_on_target": first_tgt, "target": after_target,
             "seconds": round(first_tgt - last_src, 3) if first_tgt and last_src else None}
+        if last_src is not None:
+            # what a client saw meanwhile: errors (url mode: refused, restarted), or its query held (pooler mode)
+            until = (first_tgt or last_src) + 2.0
+            figures["client_errors"] = ledger.errors(entries, since=last_src, until=until)
+            held = ledger.held_seconds(entries, since=last_src, until=until)
+            figures["longest_held_query_seconds"] = None if held is None else round(held, 3)
     # every acknowledged write must be on the database the app uses now
     app = app_for(outputs.app)
     url = app.config_var(outputs.source.database_url_var)

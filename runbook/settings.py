@@ -26,6 +26,7 @@ from .errors import ConfigError
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 FLUSH_MODES = ("fill", "archive_timeout")
+SWITCH_MODES = ("auto", "pooler", "url")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,11 @@ class Settings:
     # leader's disk. It must fit in the leader's free WAL space on top of wal_keep_size (2GB); 8GB
     # covers a replica down or rebuilding for an hour at ~2 MB/s of WAL.
     max_slot_wal_keep_size: str = "8GB"
+    # how the app moves to the new database: "pooler" (PgBouncer PAUSE, repoint, RESUME: no config-var
+    # change, no dyno restart), "url" (DATABASE_URL swap: every dyno restarts), "auto" (pooler when the
+    # outputs have one). pause_timeout bounds PAUSE: a transaction still running then makes it fall back
+    switch_mode: str = "auto"
+    pause_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -178,6 +184,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "flush_mode": (lambda v: v in FLUSH_MODES, "one of " + ", ".join(FLUSH_MODES)),
     "max_slot_wal_keep_size": (lambda v: re.fullmatch(r"-1|\d+\s*(kB|MB|GB|TB)?", str(v)) is not None,
                                "a PostgreSQL size such as 8GB (or -1)"),
+    "switch_mode": (lambda v: v in SWITCH_MODES, "one of " + ", ".join(SWITCH_MODES)),
+    "pause_timeout": _POSITIVE,
 }
 
 

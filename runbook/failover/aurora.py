@@ -47,7 +47,7 @@ from ..replication.leader import EC2_URL_VAR, aurora_app_url, aurora_master_url,
 from ..secrets import resolve
 from ..steps import Step
 from ..verify import choose_sample, gate
-from . import consistent_point
+from . import consistent_point, pooler_switch
 from . import fence as fence_mod
 from .app_steps import (app_started, maintenance_on, restore_workers, start_app, stop_workers,
                         workers_stopped)
@@ -102,7 +102,8 @@ def preflight(ctx: Context) -> dict[str, Any]:
             "target_endpoint": f"{a.writer_endpoint}:{a.port}", "source_connection_limit": limit,
             "formation": ctx.app.formation(), "others": [],
             "apply_headroom": ready.get("apply_headroom"), "standby": standby, "engine": engine.name,
-            "detail": f"leader {r.name}; {ready['tables']} tables streaming"
+            "detail": (pooler_switch.check(ctx) + "; " if pooler_switch.mode(ctx) == "pooler" else "")
+                      + f"leader {r.name}; {ready['tables']} tables streaming"
                       + ("" if ready["lag_bytes"] is None else f"; lag {ready['lag_bytes']:,} bytes")
                       + f"; {ready['why']}"}
 
@@ -317,7 +318,38 @@ def smoke_test(ctx: Context) -> dict[str, Any]:
     return {"smoke_test": what, "detail": what}
 
 
-def plan() -> list[Step]:
+def switch_pooler(ctx: Context) -> dict[str, Any]:
+    with _master(ctx) as master:   # a rollback-aurora left the app's role fenced on Aurora: admit it again
+        fence_mod.readmit_role(master, url_user(ctx.source_url()))
+    return pooler_switch.switch_to(ctx, aurora_app_url(ctx.app, ctx.outputs))
+
+
+def pooler_switched(ctx: Context) -> bool:
+    return pooler_switch.switched_to(ctx, aurora_app_url(ctx.app, ctx.outputs))
+
+
+def smoke_test_pooled(ctx: Context) -> dict[str, Any]:
+    p = ctx.outputs.pooler
+    what = ctx.app.smoke_test(p.host, p.port, since=ctx.data.switched_at or 0.0, timeout=ctx.settings.smoke_timeout)
+    return {"smoke_test": what, "detail": what + " (through the pooler, which names Aurora)"}
+
+
+def plan(mode: str = "url") -> list[Step]:
+    """The steps; ``mode`` pooler holds the app's queries in PgBouncer and repoints it (:mod:`.pooler_switch`)."""
+    if mode == "pooler":
+        freeze = Step("pause", "PAUSE the pooler (running transactions end, new queries are held)", pooler_switch.pause,
+                      check=pooler_switch.paused, revert=pooler_switch.resume, revert_hint=pooler_switch.RESUME_HINT)
+        move = [Step("switch", "the pooler -> Aurora, RESUME (no config-var change, no restart)", switch_pooler,
+                     check=pooler_switched),
+                Step("start_app", "start the workers", start_app, check=app_started),
+                Step("smoke_test", "smoke test through the app and the pooler on Aurora", smoke_test_pooled)]
+    else:
+        freeze = Step("maintenance_on", "maintenance mode on (web stops writing)", maintenance_on,
+                      check=lambda ctx: ctx.app.maintenance(), revert=lambda ctx: ctx.app.set_maintenance(False),
+                      revert_hint="the app is still in maintenance mode: turn it off")
+        move = [Step("switch", "switch the app's database URL to Aurora", switch, check=switched),
+                Step("start_app", "start the web, then the workers", start_app, check=app_started),
+                Step("smoke_test", "smoke test through the app on Aurora", smoke_test)]
     return [
         Step("preflight", "preflight: replication streaming and keeping up", preflight),
         Step("snapshot", "snapshots of Aurora and the EC2 leader", snapshot),
@@ -328,9 +360,7 @@ def plan() -> list[Step]:
         Step("stop_workers", "stop background workers", stop_workers, check=workers_stopped, revert=restore_workers,
              revert_hint="the background workers are still scaled to 0: scale them back"),
         Step("sample", "choose the gate's sample and read it on both sides (outside the window)", sample),
-        Step("maintenance_on", "maintenance mode on (web stops writing)", maintenance_on,
-             check=lambda ctx: ctx.app.maintenance(), revert=lambda ctx: ctx.app.set_maintenance(False),
-             revert_hint="the app is still in maintenance mode: turn it off"),
+        freeze,
         Step("fence", "fence the EC2 leader and prove it", fence, verify=prove_fenced, revert=unfence,
              recheck=prove_fenced, revert_hint="the EC2 leader is still fenced: ALTER DATABASE <db> CONNECTION "
                                                "LIMIT -1 and RESET default_transaction_read_only as superuser"),
@@ -339,10 +369,9 @@ def plan() -> list[Step]:
         Step("sequences", "set every sequence on Aurora past the leader's", sequences),
         Step("verify", "verify the frozen leader against Aurora (bounded sample)", verify),
         Step("switch_over", "stop forward replication, start Aurora -> EC2", switch_over, point_of_no_return=True),
-        Step("switch", "switch the app's database URL to Aurora", switch, check=switched),
-        Step("start_app", "start the web, then the workers", start_app, check=app_started),
-        Step("smoke_test", "smoke test through the app on Aurora", smoke_test),
+        *move,
     ]
 
 
 STEP_NAMES = [s.name for s in plan()]
+POOLER_STEP_NAMES = [s.name for s in plan("pooler")]

@@ -49,7 +49,7 @@ from . import fence as fence_mod
 from .app_steps import (app_started, background_types, maintenance_on, restore_workers, start_app, stop_workers,
                         workers_stopped)
 from .fence import next_xid
-from . import witness
+from . import pooler_switch, witness
 from .context import Context
 from .repoint import repoint
 
@@ -106,6 +106,8 @@ def preflight(ctx: Context) -> dict[str, Any]:
     if unlogged:
         notes.append(f"unlogged tables are not copied by a physical replica and will be EMPTY on the new leader: "
                      f"{', '.join(unlogged)}")
+    if pooler_switch.mode(ctx) == "pooler":
+        notes.append(pooler_switch.check(ctx))
     return {"candidate": candidate, "others": [n for n in statuses if n != candidate],
             "source_timeline": timeline, "source_endpoint": f"{host}:{port}",
             "source_connection_limit": limit, "source_system_identifier": system_id, "unlogged_tables": unlogged,
@@ -534,24 +536,50 @@ def switch(ctx: Context) -> dict[str, Any]:
                                                   "(source URL kept in TERN_SOURCE_DATABASE_URL)"}
 
 
+def switch_pooler(ctx: Context) -> dict[str, Any]:
+    return pooler_switch.switch_to(ctx, ctx.replica_url(ctx.data["candidate"]))
+
+
+def pooler_switched(ctx: Context) -> bool:
+    return pooler_switch.switched_to(ctx, ctx.replica_url(ctx.data["candidate"]))
+
+
 def smoke_test(ctx: Context) -> dict[str, Any]:
     host, port = leader_endpoint(ctx)
+    if ctx.data.app_endpoint:   # pooler mode: the app writes through the pooler, which names the leader now
+        host, _, p = ctx.data.app_endpoint.rpartition(":")
+        port = int(p)
     since = ctx.data.switched_at or 0.0
     what = ctx.app.smoke_test(host, port, since=since, timeout=ctx.settings.smoke_timeout)
     return {"smoke_test": what, "detail": what}
 
 
-def plan() -> list[Step]:
+def plan(mode: str = "url") -> list[Step]:
+    """The steps; ``mode`` pooler moves the app through PgBouncer (:mod:`.pooler_switch`), url by DATABASE_URL."""
+    pooled = mode == "pooler"
+    if pooled:
+        into_pooler = [Step("pooler_in", "the app's DATABASE_URL -> the pooler, pointing at the source (one restart, "
+                                         "outside the window)", pooler_switch.pooler_in,
+                            check=pooler_switch.app_on_pooler)]
+        freeze = Step("pause", "PAUSE the pooler (running transactions end, new queries are held)", pooler_switch.pause,
+                      check=pooler_switch.paused, revert=pooler_switch.resume, revert_hint=pooler_switch.RESUME_HINT)
+        move = Step("switch", "the pooler -> the new leader, RESUME (no config-var change, no restart)",
+                    switch_pooler, check=pooler_switched)
+    else:
+        into_pooler = []
+        freeze = Step("maintenance_on", "maintenance mode on (web stops writing)", maintenance_on,
+                      check=lambda ctx: ctx.app.maintenance(), revert=lambda ctx: ctx.app.set_maintenance(False),
+                      revert_hint="the app is still in maintenance mode: turn it off")
+        move = Step("switch", "switch DATABASE_URL to the new leader", switch, check=switched)
     return [
         Step("preflight", "preflight: replicas, candidate, collation", preflight),
         Step("snapshot", "snapshot of the candidate", snapshot, check=snapshot_done),
+        *into_pooler,
         Step("stop_workers", "stop background workers", stop_workers, check=workers_stopped, revert=restore_workers,
              revert_hint="the background workers are still scaled to 0: scale them back to the formation in the "
                          "report"),
         Step("sample", "choose the gate's sample and read it on both sides (outside the window)", sample),
-        Step("maintenance_on", "maintenance mode on (web stops writing)", maintenance_on,
-             check=lambda ctx: ctx.app.maintenance(), revert=lambda ctx: ctx.app.set_maintenance(False),
-             revert_hint="the app is still in maintenance mode: turn it off"),
+        freeze,
         Step("fence", "fence the source (no new session, every other one gone) and prove it", fence,
              check=fence_holds, verify=prove_fenced, revert=unfence, recheck=prove_fenced,
              revert_hint="the source is still fenced: as the database's owner, from another database, run "
@@ -564,7 +592,7 @@ def plan() -> list[Step]:
         Step("verify", "verify frozen source against the candidate", verify),
         # no check: promote's act is idempotent and must always record the new leader's context
         Step("promote", "promote the candidate", promote, verify=verify_promoted, point_of_no_return=True),
-        Step("switch", "switch DATABASE_URL to the new leader", switch, check=switched),
+        move,
         Step("start_app", "start the web, then the workers", start_app, check=app_started),
         Step("smoke_test", "smoke test through the app", smoke_test),
         # after the app is back: following the new leader concerns only the other replicas
@@ -575,3 +603,4 @@ def plan() -> list[Step]:
 
 
 STEP_NAMES = [s.name for s in plan()]
+POOLER_STEP_NAMES = [s.name for s in plan("pooler")]

@@ -21,7 +21,7 @@ from ..errors import ConfigError, Refused, StepError
 from ..journal import Journal, RunLock
 from ..settings import Settings
 from ..steps import Runner, Step
-from . import ec2
+from . import ec2, pooler_switch
 from .context import Context
 from .state import RunState
 
@@ -31,7 +31,7 @@ class PlanRun:
     """What differs between the plans :func:`run_plan` runs."""
 
     kind: str
-    plan: Callable[[], list[Step]]
+    plan: Callable[[str], list[Step]]          # the steps for a switch mode (pooler | url)
     context: Callable[[Journal], Context]      # the run's context over its journal (a dry run's too)
     # what a dry run returns, from its context, the plan's rows and whether a run is in progress
     dry_run: Callable[[Context, list[dict[str, Any]], bool], dict[str, Any]]
@@ -51,12 +51,18 @@ def run_plan(spec: PlanRun, outputs: Outputs, settings: Settings, app: AppContro
     with ``spec.refuses``, a preflight that failed before anything else started raises Refused."""
     state_dir = Path(settings.state_dir)
     say = progress or (lambda m: None)
+
+    def steps(journal: Journal | None) -> list[Step]:
+        # a run keeps the switch mode it was created with
+        mode = (RunState.from_journal(journal).switch_mode if journal is not None else None)
+        return spec.plan(mode or spec.created.get("switch_mode") or "url")
+
     if dry_run:
         journal = resumable(spec, state_dir, outputs, settings, app)
         ctx = spec.context(journal or Journal(Path("/dev/null"), "dry-run", spec.kind))
         try:
             rows = [{"step": s.name, "title": s.title, "state": state}
-                    for s, state in Runner(ctx.journal, spec.plan(), confirm=confirm).plan(ctx)]
+                    for s, state in Runner(ctx.journal, steps(journal), confirm=confirm).plan(ctx)]
             return spec.dry_run(ctx, rows, journal is not None)
         finally:
             ctx.close()
@@ -71,7 +77,7 @@ def run_plan(spec: PlanRun, outputs: Outputs, settings: Settings, app: AppContro
                 return dict(report_mod.build(finished, outputs), already_done=True)
             journal = Journal.create(state_dir, spec.kind, **spec.created, **identity(outputs, app))
         ctx = spec.context(journal)
-        runner = Runner(journal, spec.plan(), confirm=confirm, hooks=hooks or {}, progress=say)
+        runner = Runner(journal, steps(journal), confirm=confirm, hooks=hooks or {}, progress=say)
         error: StepError | None = None
         try:
             runner.run(ctx)
@@ -198,7 +204,8 @@ def failover_ec2(outputs: Outputs, settings: Settings, *, candidate: str | None 
                 "plan": rows, "candidate": ctx.data.candidate or choice.get("candidate"),
                 "preflight": {k: v for k, v in choice.items() if k in ("detail", "preflight_error")}}
 
-    spec = PlanRun(ec2.KIND, ec2.plan, context, dry, created={"requested_candidate": candidate},
+    spec = PlanRun(ec2.KIND, ec2.plan, context, dry,
+                   created={"requested_candidate": candidate, "switch_mode": pooler_switch.choose(settings, outputs)},
                    on_resume=same_candidate,
                    already_done=lambda: completed_in_use(Path(settings.state_dir), ec2.KIND, outputs, app,
                                                          lambda state: state.new_leader),
@@ -238,7 +245,8 @@ def failover_aurora(outputs: Outputs, settings: Settings, *, dry_run: bool = Fal
                        source_override=source)
 
     spec = PlanRun(aurora.KIND, aurora.plan, context,
-                   hop2_dry_run(aurora.KIND, aurora.preflight, when_in_progress=True), refuses=True)
+                   hop2_dry_run(aurora.KIND, aurora.preflight, when_in_progress=True), refuses=True,
+                   created={"switch_mode": pooler_switch.choose(settings, outputs, app)})
     return run_plan(spec, outputs, settings, app, dry_run=dry_run, confirm=confirm, progress=progress, hooks=hooks)
 
 
@@ -257,7 +265,7 @@ def rollback_aurora(outputs: Outputs, settings: Settings, *, dry_run: bool = Fal
         return rollback.RollbackContext(outputs, settings, app, journal, data=journal.context(), progress=progress,
                                         source_override=aurora_master_url(outputs))
 
-    spec = PlanRun(rollback.KIND, rollback.plan, context,
+    spec = PlanRun(rollback.KIND, lambda mode: rollback.plan(), context,
                    hop2_dry_run(rollback.KIND, rollback.preflight, when_in_progress=False), refuses=True,
                    already_done=lambda: completed_in_use(Path(settings.state_dir), rollback.KIND, outputs, app,
                                                          lambda state: state.leader),

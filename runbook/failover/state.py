@@ -33,6 +33,8 @@ class RunState(MutableMapping[str, Any]):
     candidate: str | None = None                  # the node that becomes the leader ("aurora" in hop 2)
     others: list[str] | None = None               # the other EC2 replicas (hop 1)
     leader: str | None = None                     # hop 2 and its rollback: the EC2 leader's replica name
+    switch_mode: str | None = None                # pooler or url (chosen when the run is created)
+    app_endpoint: str | None = None               # pooler mode: host:port the app writes to throughout
     source_endpoint: str | None = None            # host:port the app wrote to before the switch
     target_endpoint: str | None = None            # host:port it writes to after (hop 2 and rollback)
     source_timeline: int | None = None
@@ -54,7 +56,9 @@ class RunState(MutableMapping[str, Any]):
     consistent_point_hold: dict[str, Any] | None = None   # hop 2: what the full verification may still hold
 
     # -- the window ----------------------------------------------------------------------------
-    maintenance_at: float | None = None           # epoch seconds, as every *_at
+    pooler_in_at: float | None = None             # pooler mode, hop 1: the app moved onto the pooler
+    maintenance_at: float | None = None           # epoch seconds, as every *_at (pooler mode: PAUSE began)
+    paused_seconds: float | None = None           # pooler mode: how long PAUSE waited for transactions
     fenced_at: float | None = None
     fence: dict[str, Any] | None = None
     detached: list[str] | None = None             # hop 1: replicas detached from the archive

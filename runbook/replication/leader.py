@@ -14,7 +14,18 @@ EC2_URL_VAR = "TERN_EC2_DATABASE_URL"   # the EC2 leader's URL, kept once the ap
 
 
 def leader_url(app: AppControl, outputs: Outputs) -> str:
-    return app.config_var(EC2_URL_VAR) or app.config_var(outputs.source.database_url_var) or ""
+    """The app's URL at the EC2 leader: kept by hop 2's url switch, else the app's own - or, when that names
+    the pooler, the database the pooler names (with the app's credentials; TLS to a replica)."""
+    url = app.config_var(EC2_URL_VAR) or app.config_var(outputs.source.database_url_var) or ""
+    if url and outputs.pooler is not None:
+        from ..pooler import current_target, points_at_pooler, url_behind
+
+        if points_at_pooler(outputs.pooler, url):
+            target = current_target(outputs.pooler)
+            if target is not None:
+                replica = any((r.host, r.port) == (target.host, target.port) for r in outputs.replicas)
+                url = url_behind(url, target, tls=replica)
+    return url
 
 
 def leader(app: AppControl, outputs: Outputs) -> Replica:

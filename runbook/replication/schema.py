@@ -6,8 +6,9 @@
   there too, for the rollback).
 * ``pg_dump --schema-only --no-owner --no-acl`` on the leader's host; restored with ``SET ROLE``
   to the app's role, so every object belongs to it. Extensions Aurora does not offer are left out.
-* Split for a fast initial copy: tables, sequences and primary keys before the copy (the keys are
-  the replica identity the apply needs); secondary indexes, foreign keys and triggers after.
+* Split for a fast initial copy: tables and sequences before it; each table's primary key (the replica
+  identity the apply needs), then its secondary indexes, as soon as its copy ends (native; DMS gets the
+  keys first); foreign keys and triggers after.
 """
 
 from __future__ import annotations

@@ -9,14 +9,15 @@ for ``invoke status`` and ``invoke failover-aurora``.
    nothing changed.
 2. ``prepare_leader``: tern's schema and sentinel table, the replication role, the publication (native only).
 3. ``aurora_role``: the app's role on Aurora (same password verifier), owner of its database.
-4. ``schema``: tables, sequences, types, functions, views and primary keys, as the app's role (for DMS this is
-   its "do nothing" target preparation: the tables exist before the full load).
+4. ``schema``: tables, sequences, types, functions, views (and, for DMS, primary keys: its "do nothing" target
+   preparation needs them before the full load), as the app's role; autovacuum off on them for the copy.
 5. native ``subscribe`` / DMS ``start_task``: :meth:`.engines.Engine.start` - the subscription on Aurora; or the
    DMS source endpoint repointed at the leader (never the first instance) and the task started
    (``start-replication`` the first time, ``resume-processing`` after).
 6. native ``initial_sync`` / DMS ``full_load``: :meth:`.engines.Engine.wait_synchronised`, bounded by
    ``restore_timeout``.
-7. ``schema_after``: secondary indexes, foreign keys, triggers (after the copy: faster).
+7. ``schema_after``: whatever the copy's finisher (:class:`IndexBuilder`: each table's primary key, indexes,
+   statistics and foreign keys as its copy ends) left: keys, indexes, foreign keys, triggers; autovacuum back.
 8. DMS only, ``validation``: DMS's per-table validation counts (failed, suspended records) - refused on any.
 9. ``ddl_guard``: DDL on the leader is refused from now on (an event trigger), since neither
    engine replicates DDL.
@@ -109,16 +110,21 @@ def copy_schema(ctx: Context) -> dict[str, Any]:
                                                          api.allowed_extensions())
     keys, _ = schema.split_post_data(schema.dump(_leader(ctx), _db(ctx), "post-data"))
     role = schema.app_role(ctx.source_url())
+    # native: each table's primary key is built when its copy ends (IndexBuilder), as pgcopydb does - a copy
+    # into a table without an index is faster than one that maintains it row by row; DMS needs them first
+    keys_now = engines.for_run(ctx).name != "native"
     with native.master_connection(aurora_master_url(ctx.outputs), ctx.settings.connect_timeout) as master:
         if schema.has_tables(master):
             return {"detail": "Aurora already has the tables: schema copy skipped"}
         for name, in_schema in extensions:
             api.create_extension(name, ctx.outputs.aurora.database, schema=in_schema)
         schema.restore(master, pre, role, "schema (tables, types, functions, views)")
-        schema.restore(master, keys, role, "primary keys")
+        if keys_now:
+            schema.restore(master, keys, role, "primary keys")
         schema.set_autovacuum(master, role, enabled=False)   # on again at schema_after
     note = f"; extensions not offered by Aurora, not created: {', '.join(skipped)}" if skipped else ""
-    return {"skipped_extensions": skipped, "detail": "tables, sequences, types, functions, views, primary keys" + note}
+    what = "primary keys" if keys_now else "primary keys as each table's copy ends"
+    return {"skipped_extensions": skipped, "detail": f"tables, sequences, types, functions, views; {what}" + note}
 
 
 def start(ctx: Context) -> dict[str, Any]:
@@ -140,9 +146,10 @@ def initial_sync(ctx: Context) -> dict[str, Any]:
     finally:
         if builder is not None:
             builder.finish()
-    if builder is not None and (builder.built or builder.analyzed or builder.foreign_keys):
+    if builder is not None and (builder.built or builder.primary_keys or builder.analyzed or builder.foreign_keys):
         result["detail"] = result.get("detail", "") + (
-            f"; as each table's copy ended: {builder.built} indexes built, {builder.analyzed} tables analyzed, "
+            f"; as each table's copy ended: {builder.primary_keys} primary keys and {builder.built} indexes built, "
+            f"{builder.analyzed} tables analyzed, "
             f"{builder.foreign_keys} foreign keys added"
             + (f" ({len(builder.failed)} left to schema_after: {builder.failed[0]})" if builder.failed else ""))
     return result
@@ -159,8 +166,10 @@ def _table(match: re.Match) -> str:
 
 
 class IndexBuilder:
-    """Finishes each table on Aurora as soon as its initial copy ends (state ``s`` or ``r``), while the
-    other tables still copy, as pgcopydb does: its secondary indexes and unique constraints
+    """Finishes each table on Aurora as soon as its initial copy is committed (state ``f``, ``s`` or ``r``),
+    while the other tables still copy, as pgcopydb does: its primary key first (native: the copy ran
+    without it, faster; from its own session, so that the apply's catch-up never waits behind other
+    tables' indexes), then its secondary indexes and unique constraints
     (``INDEX_JOBS`` at once), then ``ANALYZE`` (Aurora has no statistics for a table filled by a copy:
     the app's first queries after the switch would be planned blind), then each foreign key whose two
     tables are finished. Best effort: what it could not build is left to schema_after, which builds
@@ -168,11 +177,16 @@ class IndexBuilder:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        _, rest = schema.split_post_data(schema.dump(_leader(ctx), _db(ctx), "post-data"))
+        keys, rest = schema.split_post_data(schema.dump(_leader(ctx), _db(ctx), "post-data"))
         self.head = schema.preamble(rest)
         self.role = schema.app_role(ctx.source_url())
+        self.keys: dict[str, list[str]] = {}             # table -> its primary key (built first)
         self.pending: dict[str, list[str]] = {}          # table -> its index builds, not started
         self.foreign: list[tuple[str, str, str]] = []     # (table, referenced table, statement), not started
+        for _kind, body in schema.entries(keys):
+            m = CONSTRAINT_TABLE.search(body)
+            if m:
+                self.keys.setdefault(_table(m), []).append(body)
         for kind, body in schema.entries(rest):
             if kind == "INDEX":
                 m = INDEX_TABLE.search(body)
@@ -188,6 +202,7 @@ class IndexBuilder:
             if m:
                 self.pending.setdefault(_table(m), []).append(body)
         self.built = 0
+        self.primary_keys = 0
         self.analyzed = 0
         self.foreign_keys = 0
         self.failed: list[str] = []
@@ -230,6 +245,20 @@ class IndexBuilder:
                 with self._lock:
                     self.built += 1
 
+        def build_keys(bodies: list[str]) -> None:
+            with native.master_connection(url, timeout) as conn:   # its own session: never queued behind indexes
+                conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(INDEX_MAINTENANCE_WORK_MEM)))
+                for body in bodies:
+                    if schema.present(conn, body):
+                        continue
+                    try:
+                        schema.restore(conn, self.head + body, self.role, "primary key")
+                        with self._lock:
+                            self.primary_keys += 1
+                    except Exception as exc:  # noqa: BLE001 - best effort: schema_after builds what is missing
+                        with self._lock:
+                            self.failed.append(str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__)
+
         def analyze(table: str) -> None:
             ident = sql.Identifier(*table.split(".", 1)).as_string(None)
             if run(f"ANALYZE {ident};\n", "statistics"):
@@ -241,16 +270,22 @@ class IndexBuilder:
                 with self._lock:
                     self.foreign_keys += 1
 
-        indexing: dict[str, list[Future]] = {}   # table -> its index builds
+        keying: dict[str, Future] = {}            # table -> its primary key (the apply's replica identity)
+        indexing: dict[str, list[Future]] = {}   # table -> its index builds, once its key is there
         analyzing: dict[str, Future] = {}         # table -> its ANALYZE, once its indexes are built
         fks: list[Future] = []
         try:
             with native.master_connection(url, timeout) as watch, \
-                    ThreadPoolExecutor(max_workers=INDEX_JOBS, thread_name_prefix="tern-index") as pool:
+                    ThreadPoolExecutor(max_workers=INDEX_JOBS, thread_name_prefix="tern-index") as pool, \
+                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="tern-keys") as key_pool:
                 while True:
                     synced = self._stop.is_set()   # the sync ended: every table is copied (one more look)
                     states = native.table_states(watch)
-                    for table in [t for t, st in states.items() if st in ("s", "r") and t not in indexing]:
+                    # f: its copy is committed (the table-sync worker now catches up on the changes made
+                    # meanwhile, and an UPDATE or DELETE there needs the key: it retries until the key is built)
+                    for table in [t for t, st in states.items() if st in ("f", "s", "r") and t not in keying]:
+                        keying[table] = key_pool.submit(build_keys, self.keys.pop(table, []))
+                    for table in [t for t, f in keying.items() if f.done() and t not in indexing]:
                         indexing[table] = [pool.submit(build, body) for body in self.pending.pop(table, [])]
                     for table, futures in indexing.items():
                         if table not in analyzing and all(f.done() for f in futures):
@@ -261,7 +296,7 @@ class IndexBuilder:
                         fks.append(pool.submit(foreign_key, fk[2]))
                     # done when the sync ended and what started for the copied tables is done (a table
                     # whose copy failed is not waited for: schema_after reports it)
-                    if synced and set(indexing) <= finished and not self.foreign_waiting(finished) \
+                    if synced and set(keying) <= finished and not self.foreign_waiting(finished) \
                             and all(f.done() for f in fks):
                         break
                     self._stop.wait(0.2)
@@ -289,10 +324,10 @@ def schema_after(ctx: Context) -> dict[str, Any]:
     triggers and the rest, in dump order, after the initial copy."""
     from concurrent.futures import ThreadPoolExecutor
 
-    _, rest = schema.split_post_data(schema.dump(_leader(ctx), _db(ctx), "post-data"))
+    keys, rest = schema.split_post_data(schema.dump(_leader(ctx), _db(ctx), "post-data"))
     role = schema.app_role(ctx.source_url())
     head = schema.preamble(rest)
-    items = schema.entries(rest)
+    items = schema.entries(keys) + schema.entries(rest)   # keys first (native builds them after each copy)
     indexes = [(k, b) for k, b in items if k == "INDEX"]
     others = [(k, b) for k, b in items if k != "INDEX"]
     counts = {"done": 0, "skipped": 0}

@@ -176,9 +176,10 @@ class Sandbox:
 
     # -- up -----------------------------------------------------------------------
     def up(self, *, replicas: int = 2, scale: int = 1, dataset: str = "inventory", rate: float = 100.0,
-           start_app: bool = True, progress=None, pooler: bool | None = None) -> dict[str, Any]:
+           start_app: bool = True, progress=None, pooler: bool | None = False) -> dict[str, Any]:
         """Build the sandbox (or, when it is up, make sure every process runs). ``pooler``: a PgBouncer
-        in front of the source (None: when a pgbouncer binary is found)."""
+        in front of the source (None: when a pgbouncer binary is found; the rehearsal asks for that).
+        Without one, the failovers switch the app by DATABASE_URL (their ``auto`` switch mode)."""
         if dataset not in DATASETS:
             raise ConfigError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
         if not 2 <= replicas <= len(ZONES):

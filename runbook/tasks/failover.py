@@ -37,6 +37,19 @@ def restore(c, stack=None):
         say(f"{name}: {what}")
 
 
+SWITCH_MODE_HELP = ("pooler: PgBouncer PAUSE, repoint, RESUME (no config-var change, no dyno restart); url: "
+                    "swap DATABASE_URL (every dyno restarts). Default: pooler when the stack has one")
+
+
+def switch_mode(value) -> str | None:
+    """--switch: pooler | url | auto (None keeps the setting, tern.switch_mode)."""
+    if value is None:
+        return None
+    if value not in ("pooler", "url", "auto"):
+        raise ConfigError(f"--switch is pooler or url, not {value!r}")
+    return value
+
+
 def make_confirm(yes: bool, timeout: float):
     """The point-of-no-return prompt: yes only on an explicit answer within ``timeout`` seconds."""
     def confirm(question: str) -> bool:
@@ -79,9 +92,10 @@ def check_restored(o: Outputs, stack: str | None, candidate: str | None) -> None
       help={"candidate": "the replica to promote (default: the most advanced healthy one)",
             "dry_run": "print the plan against the current state and change nothing",
             "yes": "confirm the point of no return without asking", "stack": STACK_HELP,
-            "json": "print the report (or, with --dry-run, the plan) as JSON on stdout; the rest goes to stderr"})
+            "json": "print the report (or, with --dry-run, the plan) as JSON on stdout; the rest goes to stderr",
+            "switch": SWITCH_MODE_HELP})
 @task_errors
-def failover_ec2(c, candidate=None, dry_run=False, yes=False, stack=None, json=False):
+def failover_ec2(c, candidate=None, dry_run=False, yes=False, stack=None, json=False, switch=None):
     """Failover 1: Heroku -> EC2. Freeze, fence, flush, verify, promote, switch, start, smoke test, repoint.
 
     Journaled: if killed, run the same command again to resume. Falls back to the source
@@ -92,7 +106,7 @@ def failover_ec2(c, candidate=None, dry_run=False, yes=False, stack=None, json=F
     o = outputs(c, stack)
     if candidate is not None:
         o.replica(candidate)   # an unknown name is bad input, before anything else
-    s = stack_settings(settings(c), stack)
+    s = stack_settings(settings(c), stack).replace(switch_mode=switch_mode(switch))
     if Journal.current(s.state_dir, ec2.KIND) is None:
         check_restored(o, stack, candidate)
     show = human(json)
@@ -191,9 +205,17 @@ def render_report(r, out=out) -> None:
     w = r.get("write_unavailability")
     if w:
         secs = "n/a" if w["seconds"] is None else f"{w['seconds']:.2f} s"
-        out.print(f"write-unavailability window: {secs} (last acknowledged write on the source "
-                  f"{w.get('last_ack_on_source') or 'n/a'} to the first on {w['target']} "
-                  f"{w.get('first_ack_on_target') or 'n/a'})", markup=False)
+        out.print(f"app unavailability (write-unavailability window): {secs} (last acknowledged write on the "
+                  f"source {w.get('last_ack_on_source') or 'n/a'} to the first on {w['target']} "
+                  f"{w.get('first_ack_on_target') or 'n/a'}; switch: {r.get('switch_mode') or 'url'})", markup=False)
+        if r.get("longest_held_query_seconds") is not None or r.get("client_errors") is not None:
+            held = r.get("longest_held_query_seconds")
+            out.print(f"clients meanwhile: {r.get('client_errors') or 0} errors; longest write held "
+                      f"{'n/a' if held is None else f'{held:.2f} s'}", markup=False)
+    du = r.get("database_unavailability")
+    if du and du.get("seconds") is not None:
+        out.print(f"database unavailability: {du['seconds']:.2f} s (the fence to the new database taking writes)",
+                  markup=False)
     if r.get("acknowledged_writes") is not None:
         out.print(f"acknowledged writes: {r['acknowledged_writes']}; missing on {r.get('checked_on')}: "
                   f"{r['missing_on_target']}", markup=False)

@@ -13,7 +13,7 @@ from ..replication import ENGINES
 from ..replication.setup import replicate_aurora as run_replicate
 from .common import (human, outputs, parse_choice, parse_name, print_json, progress_status, settings,
                      stack_settings, task_errors)
-from .failover import STACK_HELP, make_confirm, render_report, run_reported
+from .failover import STACK_HELP, SWITCH_MODE_HELP, make_confirm, render_report, run_reported, switch_mode
 
 
 def render_register(register, show) -> None:
@@ -66,12 +66,13 @@ SWITCH_HELP = {"dry_run": "print the plan against the current state and change n
                "json": "the report (or, with --dry-run, the plan) as JSON on stdout"}
 
 
-@task(name="failover-aurora", help=SWITCH_HELP)
+@task(name="failover-aurora", help={**SWITCH_HELP, "switch": SWITCH_MODE_HELP})
 @task_errors
-def failover_aurora(c, dry_run=False, yes=False, stack=None, json=False):
+def failover_aurora(c, dry_run=False, yes=False, stack=None, json=False, switch=None):
     """Failover 2: EC2 -> Aurora. Freeze, fence, sentinel, sequences, verify, switch over (reverse
     replication started first), switch, start, smoke test. Falls back before the point of no return."""
-    run_switch(c, "failover-aurora", run_failover_aurora, dry_run=dry_run, yes=yes, stack=stack, json=json)
+    run_switch(c, "failover-aurora", run_failover_aurora, dry_run=dry_run, yes=yes, stack=stack, json=json,
+               switch=switch)
 
 
 @task(name="rollback-aurora", help=SWITCH_HELP)
@@ -83,12 +84,12 @@ def rollback_aurora(c, dry_run=False, yes=False, stack=None, json=False):
     run_switch(c, "rollback-aurora", run_rollback_aurora, dry_run=dry_run, yes=yes, stack=stack, json=json)
 
 
-def run_switch(c, title: str, entry, *, dry_run: bool, yes: bool, stack, json: bool) -> None:
+def run_switch(c, title: str, entry, *, dry_run: bool, yes: bool, stack, json: bool, switch=None) -> None:
     """A hop-2 switch (``entry``: failover or rollback) under progress, then its report or plan; exit 1
     when an acknowledged write is missing."""
     stack = parse_name("stack", stack)
     o = outputs(c, stack)
-    s = stack_settings(settings(c), stack)
+    s = stack_settings(settings(c), stack).replace(switch_mode=switch_mode(switch))
     show = human(json)
     result = run_reported(title, show, json,
                           lambda update: entry(o, s, dry_run=dry_run, confirm=make_confirm(yes, s.confirm_timeout),

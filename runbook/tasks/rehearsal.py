@@ -16,10 +16,11 @@ from ..restore import restore_all
 from .common import (byte_progress, human, parse_float, parse_int, print_json, progress_status, say, stack_settings,
                      task_errors)
 from .environment import render
-from .failover import render_report, run_reported
+from .failover import render_report, run_reported, switch_mode
 from .sandbox import MAX_SCALE, check_shape, sandbox_flags, sandbox_for
 
 MAX_SECONDS = 24 * 3600
+DEFAULT_BOOT_SECONDS = 10.0   # a real app's boot after a config-var change (Heroku restarts every dyno)
 
 
 @task(help={"seconds": "how long the app writes before the migration starts (default 5)",
@@ -29,10 +30,14 @@ MAX_SECONDS = 24 * 3600
             "json": "print the final report as JSON on stdout (the last hop's, with failover_ec2 holding "
                     "hop 1's); tables and progress go to stderr",
             "adapters": "local (default): subprocesses and the app's state file; aws: the failover through the real "
-                        "SSM, Heroku and EBS adapters against local stand-ins (runbook/standins/world.py; hop 1 only)"})
+                        "SSM, Heroku and EBS adapters against local stand-ins (runbook/standins/world.py; hop 1 only)",
+            "switch": "pooler (default when PgBouncer is installed): both hops through it, no restart at the "
+                      "switch; url: DATABASE_URL swaps, every dyno restarts",
+            "boot_seconds": f"how long the app's dynos take to boot after a config-var change (default "
+                            f"{DEFAULT_BOOT_SECONDS:g}, as a real app)"})
 @task_errors
 def rehearse(c, seconds=None, scale=None, dataset=None, rate=None, keep=False, hops=None, json=False,
-             adapters=None):
+             adapters=None, switch=None, boot_seconds=None):
     """The whole migration on the sandbox with the app writing throughout, ending with the reports.
 
     Sandbox up -> restore the EC2 replicas from the archive -> catch up -> failover-ec2 ->
@@ -48,7 +53,13 @@ def rehearse(c, seconds=None, scale=None, dataset=None, rate=None, keep=False, h
         raise Exit("tern: error: --adapters aws rehearses hop 1 only: add --hops 1", code=2)
     seconds = parse_float("seconds", seconds, min=0, max=MAX_SECONDS)
     seconds = 5.0 if seconds is None else seconds
+    boot = parse_float("boot-seconds", boot_seconds, min=0, max=600)
+    boot = DEFAULT_BOOT_SECONDS if boot is None else boot
     sb, s = sandbox_for(c, **sandbox_flags(scale=scale, dataset=dataset, rate=rate))
+    # the aws stand-ins rehearse the url switch (their outputs carry no pooler)
+    s = s.replace(switch_mode=switch_mode(switch) or ("url" if adapters == "aws" else None))
+    if adapters == "aws" and s.switch_mode == "pooler":
+        raise Exit("tern: error: --adapters aws rehearses the url switch only: drop --switch pooler", code=2)
     check_shape(s)
     run_settings = stack_settings(s, "local")
     show = human(json)
@@ -58,8 +69,13 @@ def rehearse(c, seconds=None, scale=None, dataset=None, rate=None, keep=False, h
     world = ExitStack()
     try:
         with progress_status("building the sandbox") as update:
-            sb.up(replicas=s.replicas, scale=s.scale, dataset=s.dataset, rate=s.app_rate, progress=update)
+            # a PgBouncer in front (when installed) unless the url switch is asked for
+            sb.up(replicas=s.replicas, scale=s.scale, dataset=s.dataset, rate=s.app_rate, progress=update,
+                  pooler=None if s.switch_mode != "url" else False)
         o = load("local", s.sandbox_dir)
+        sb.app().set_boot_seconds(boot)
+        say(f"the app's dynos take {boot:g} s to boot (at start and after every config-var change); switch: "
+            + ("through the pooler" if o.pooler is not None and s.switch_mode != "url" else "DATABASE_URL"))
         with byte_progress("restoring") as progress:
             restored = restore_all(o, timeout=s.restore_timeout, connect_timeout=s.connect_timeout, progress=progress,
                                    state_dir=run_settings.state_dir)
@@ -106,8 +122,11 @@ def rehearse(c, seconds=None, scale=None, dataset=None, rate=None, keep=False, h
         print_json(report)
     for r in ([report["failover_ec2"]] if report.get("failover_ec2") else []) + [report]:
         w = r.get("write_unavailability") or {}
-        show.print(f"{r['kind']}: write-unavailability window {w.get('seconds')} s, "
-                   f"{r.get('missing_on_target')} acknowledged writes missing", markup=False)
+        d = r.get("database_unavailability") or {}
+        show.print(f"{r['kind']} ({r.get('switch_mode')} switch): app unavailability {w.get('seconds')} s, database "
+                   f"unavailability {d.get('seconds')} s, {r.get('client_errors')} client errors, longest write held "
+                   f"{r.get('longest_held_query_seconds')} s, {r.get('missing_on_target')} acknowledged writes missing",
+                   markup=False)
     show.print(f"ledger check on {result['endpoint']}: {result['acknowledged']} acknowledged writes, "
                f"{result['missing']} lost, {result['unexplained']} unexplained rows; report saved in {saved} "
                f"(`invoke report --run {report['run_id']}`)", markup=False)

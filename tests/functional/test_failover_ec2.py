@@ -28,10 +28,10 @@ pytestmark = pytest.mark.functional
 
 
 class Env:
-    def __init__(self, root: Path, rate: float = 100) -> None:
+    def __init__(self, root: Path, rate: float = 100, pooler: bool = False) -> None:
         self.root = root
         self.sb = Sandbox(root / "sandbox")
-        self.sb.up(replicas=2, scale=1, rate=rate)
+        self.sb.up(replicas=2, scale=1, rate=rate, pooler=pooler)
         self.outputs = load("local", self.sb.root)
         self.settings = Settings(sandbox_dir=self.sb.root, state_dir=root / "state", catchup_timeout=30,
                                  repoint_timeout=30)

@@ -116,7 +116,7 @@ TEST_VALUES = {
     "connect_timeout": "7", "restore_timeout": "901", "catchup_timeout": "121", "stop_app_timeout": "31",
     "promote_timeout": "61", "repoint_timeout": "62", "smoke_timeout": "33", "poll_interval": "0.2",
     "max_lag_bytes": "1048576", "sample_percent": "12.5", "flush_mode": "archive_timeout",
-    "max_slot_wal_keep_size": "512MB", "confirm_timeout": "30", "resume_max_age": "3600",
+    "max_slot_wal_keep_size": "512MB", "switch_mode": "url", "pause_timeout": "4.5", "confirm_timeout": "30", "resume_max_age": "3600",
     "gate_sample_rows": "750", "gate_sample_timeout": "3.5", "full_verification": "skip",
     "min_apply_headroom": "2.5", "apply_sample_seconds": "1.5",
 }

@@ -497,7 +497,7 @@ def fake_spec(tmp_path, monkeypatch, steps=None, **kw):
         made.append(PlanCtx(journal))
         return made[-1]
 
-    spec = run_mod.PlanRun("fake-plan", lambda: steps if steps is not None else plan(), context,
+    spec = run_mod.PlanRun("fake-plan", lambda mode: steps if steps is not None else plan(), context,
                            dry_run=lambda ctx, rows, in_progress: {"dry_run": True, "rows": rows,
                                                                    "in_progress": in_progress}, **kw)
     outputs = SimpleNamespace(app=SimpleNamespace(kind="heroku"))

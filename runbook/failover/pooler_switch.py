@@ -1,0 +1,153 @@
+"""The switch through the pooler, shared by both failovers (``--switch pooler``, :mod:`runbook.pooler`).
+
+Which mode a run uses is decided when it is created and journaled (``switch_mode``): ``pooler`` when
+asked, or by default when the outputs declare a pooler; ``url`` otherwise. A resumed run keeps its mode.
+
+In pooler mode the plans replace three steps:
+
+* ``pooler_in`` (hop 1, before the window): the pooler points at the source, then the app's
+  ``DATABASE_URL`` names the pooler - the one config-var change of the migration, one dyno restart,
+  at a time the operator chooses (nothing is frozen yet). Already there: nothing to do.
+* ``pause`` instead of ``maintenance_on``: ``PAUSE`` on every node, bounded by ``pause_timeout``; a
+  transaction still running then is named, the pause undone, and the failover falls back. Clients
+  are held, not refused: no error reaches them, only latency.
+* ``switch``: every node's databases file names the new target, ``RELOAD``, ``RESUME``.
+
+Everything between - the fence, catch-up, checks, promotion - is the same as in ``url`` mode, and the
+fence still refuses a client that reaches the old database directly.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .. import pooler as pooler_mod
+from ..errors import ConfigError, PreflightError, RunbookError
+from ..pg import url_endpoint
+from ..settings import Settings
+from ..contract import Outputs
+from .context import Context
+
+SOURCE_URL_VAR = "TERN_SOURCE_DATABASE_URL"
+
+
+def choose(settings: Settings, outputs: Outputs, app=None) -> str:
+    """The mode a new run uses: ``pooler`` or ``url``. Asking for the pooler without one is bad input.
+
+    ``app`` (hop 2): the pooler switches only an app that already writes through it (hop 1 moved it there);
+    by default such an app keeps it, an app on the leader directly gets the url switch, and asking for the
+    pooler for it is bad input (pausing a pooler the app does not use would hold nothing)."""
+    mode = settings.switch_mode
+    on_pooler = None
+    if app is not None and outputs.pooler is not None:
+        on_pooler = pooler_mod.points_at_pooler(outputs.pooler, app.config_var(outputs.source.database_url_var))
+    if mode == "auto":
+        return "pooler" if outputs.pooler is not None and on_pooler is not False else "url"
+    if mode == "pooler" and outputs.pooler is None:
+        raise ConfigError("--switch pooler: the outputs declare no pooler (set tern:pooler in the stack, or use "
+                          "--switch url)")
+    if mode == "pooler" and on_pooler is False:
+        raise ConfigError("--switch pooler: the app does not write through the pooler (failover-ec2 ran with "
+                          "--switch url): use --switch url")
+    return mode
+
+
+def mode(ctx: Context) -> str:
+    return ctx.data.switch_mode or choose(ctx.settings, ctx.outputs)
+
+
+def endpoint(ctx: Context) -> str:
+    p = ctx.outputs.pooler
+    return f"{p.host}:{p.port}"
+
+
+def check(ctx: Context) -> str:
+    """Preflight: every node's admin console answers with tern's password (a wrong one: refused, nothing
+    changed)."""
+    p = ctx.outputs.pooler
+    try:
+        for admin in pooler_mod.admins(p, ctx.settings.connect_timeout):
+            admin.check()
+    except RunbookError as exc:
+        raise PreflightError(f"the pooler cannot be driven: {exc}") from None
+    return f"pooler: {len(p.nodes)} node(s) answer on their admin console"
+
+
+# -- hop 1, before the window ---------------------------------------------------------------------
+def app_on_pooler(ctx: Context) -> bool:
+    url = ctx.app.config_var(ctx.outputs.source.database_url_var)
+    return pooler_mod.points_at_pooler(ctx.outputs.pooler, url)
+
+
+def pooler_in(ctx: Context) -> dict[str, Any]:
+    p = ctx.outputs.pooler
+    var = ctx.outputs.source.database_url_var
+    if app_on_pooler(ctx):
+        target = pooler_mod.current_target(p)
+        return {"app_endpoint": endpoint(ctx), "detail": f"the app already writes through the pooler (-> {target})"}
+    source = ctx.source_url()
+    done = pooler_mod.point(p, pooler_mod.Target.of_url(source), timeout=ctx.settings.connect_timeout)
+    since = time.time()
+    ctx.app.set_config_vars({var: pooler_mod.app_url(p, source), SOURCE_URL_VAR: source})
+    # Heroku restarts every dyno now: wait until the app writes again, through the pooler, before freezing
+    seen = ctx.app.smoke_test(p.host, p.port, since=since, timeout=ctx.settings.smoke_timeout
+                              + ctx.settings.stop_app_timeout)
+    return {"pooler_in_at": since, "app_endpoint": endpoint(ctx),
+            "detail": f"{var} -> the pooler {endpoint(ctx)} ({'; '.join(done)}); the app restarted once, outside "
+                      f"the window, and writes through it: {seen}"}
+
+
+# -- the window -----------------------------------------------------------------------------------
+def pause(ctx: Context) -> dict[str, Any]:
+    p = ctx.outputs.pooler
+    t0 = time.time()
+    took = pooler_mod.pause_all(p, timeout=ctx.settings.pause_timeout, connect_timeout=ctx.settings.connect_timeout)
+    return {"maintenance_at": t0, "paused_seconds": round(took, 3), "app_endpoint": endpoint(ctx),
+            "detail": f"PAUSE {p.database} on {len(p.nodes)} node(s): running transactions ended in {took:.2f}s; "
+                      "new queries are held"}
+
+
+def paused(ctx: Context) -> bool:
+    p = ctx.outputs.pooler
+    try:
+        return all(a.paused(p.database) for a in pooler_mod.admins(p, ctx.settings.connect_timeout))
+    except RunbookError:
+        return False
+
+
+def resume(ctx: Context) -> None:
+    """Revert of ``pause``: the pooler still names the old database; its clients go on there. A node that
+    does not answer is not paused (PgBouncer starts unpaused): the report's reason says it is down."""
+    failed = pooler_mod.resume_all(ctx.outputs.pooler, connect_timeout=ctx.settings.connect_timeout)
+    failed = [f for f in failed if "cannot reach its admin console" not in f]
+    if failed:
+        raise RunbookError("RESUME failed on the pooler (its clients stay held until query_wait_timeout): "
+                           + "; ".join(failed))
+
+
+RESUME_HINT = ("the pooler may still be paused: RESUME <db> on each node's admin console (psql -h <node> -p 6432 "
+               "-U tern_admin pgbouncer)")
+
+
+def switch_to(ctx: Context, url: str) -> dict[str, Any]:
+    """Every node names the database at ``url``, reloaded, resumed: the held queries run there."""
+    p = ctx.outputs.pooler
+    target = pooler_mod.Target.of_url(url)
+    done = pooler_mod.point(p, target, timeout=ctx.settings.connect_timeout)
+    failed = pooler_mod.resume_all(p, connect_timeout=ctx.settings.connect_timeout)
+    if failed:
+        raise RunbookError(f"the pooler names {target} but could not be resumed: " + "; ".join(failed)
+                           + " - " + RESUME_HINT)
+    return {"switched_at": time.time(), "app_endpoint": endpoint(ctx),
+            "detail": f"pooler -> {target} ({'; '.join(done)}), resumed: no config-var change, no restart"}
+
+
+def switched_to(ctx: Context, url: str) -> bool:
+    p = ctx.outputs.pooler
+    try:
+        host, port, db = url_endpoint(url)
+        return pooler_mod.current_target(p) == pooler_mod.Target(host, int(port), db) and not any(
+            a.paused(p.database) for a in pooler_mod.admins(p, ctx.settings.connect_timeout))
+    except RunbookError:
+        return False

@@ -1,0 +1,154 @@
+"""Both failovers through PgBouncer (``--switch pooler``, issue #12), against real PostgreSQL and a real
+PgBouncer: no dyno restart at the switch, clients held rather than refused, and the faults the issue names -
+the pooler down, a transaction that holds PAUSE, a wrong admin password - with the ledger counting every
+acknowledged write."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import threading
+import time
+
+import psycopg
+import pytest
+
+from runbook import pooler as pooler_mod
+from runbook.errors import ConfigError, StepError
+from runbook.failover import aurora as aurora_plan
+from runbook.failover import ec2
+from runbook.failover.run import failover_aurora
+from runbook.journal import Journal
+from runbook.replication.setup import replicate_aurora
+from tests.conftest import make_root
+from tests.functional.test_failover_ec2 import Env, assert_nothing_lost
+
+pytestmark = pytest.mark.functional
+
+BOOT = 4.0   # the dynos' boot after a config-var change: a url switch would show it, the pooler must not
+
+
+@pytest.fixture
+def env():
+    root = make_root()
+    e = Env(root, pooler=True)
+    e.settings = dataclasses.replace(e.settings, switch_mode="pooler", pause_timeout=3.0)
+    e.sb.app().set_boot_seconds(BOOT)
+    e.restore()
+    yield e
+    e.sb.down(check_ledger=False)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def pooler_target(e: Env) -> str:
+    return str(pooler_mod.current_target(e.outputs.pooler))
+
+
+def test_both_hops_through_the_pooler_hold_clients_and_restart_nothing(env):
+    e = env
+    report = e.failover()
+    assert report["outcome"] == "completed", report.get("reason")
+    assert [s["name"] for s in report["steps"]] == ec2.POOLER_STEP_NAMES and report["switch_mode"] == "pooler"
+    p = e.outputs.pooler
+    leader = e.outputs.replica(report["new_leader"])
+    assert pooler_mod.points_at_pooler(p, e.app_url())                  # DATABASE_URL names the pooler, once
+    assert pooler_target(e) == f"{leader.host}:{leader.port}/app"
+    w, d = report["write_unavailability"], report["database_unavailability"]
+    # the switch restarted nothing: the app's gap is shorter than one boot, and its clients were held, not refused
+    assert w["seconds"] is not None and w["seconds"] < BOOT, w
+    assert d["seconds"] is not None and d["seconds"] <= w["seconds"] + 0.5, (d, w)
+    assert report["client_errors"] == 0 and report["longest_held_query_seconds"] > 0.05, report
+    assert report["missing_on_target"] == 0
+
+    time.sleep(1.0)
+    setup = replicate_aurora(e.outputs, e.settings, replica_identity_full=True)
+    assert setup["outcome"] == "completed"
+    time.sleep(1.5)
+    hop2 = failover_aurora(e.outputs, e.settings, confirm=lambda q: True)
+    assert hop2["outcome"] == "completed", hop2.get("reason")
+    assert [s["name"] for s in hop2["steps"]] == aurora_plan.POOLER_STEP_NAMES
+    a = e.outputs.aurora
+    assert pooler_target(e) == f"{a.writer_endpoint}:{a.port}/{a.database}"
+    assert pooler_mod.points_at_pooler(p, e.app_url())                  # no config-var change at hop 2
+    w2 = hop2["write_unavailability"]
+    assert w2["seconds"] is not None and w2["seconds"] < BOOT and hop2["client_errors"] == 0, hop2
+    # no restart at hop 2: no config-var change, so no dyno booted again after hop 1's pooler_in
+    restarts = [ln for ln in _app_logs(e, "web.1") if "booting (restart)" in ln]
+    assert len(restarts) == 1, restarts         # once, at pooler_in (hop 1, before the window), never at a switch
+    assert_nothing_lost(e, hop2)
+
+
+def _app_logs(e: Env, dyno: str) -> list[str]:
+    with open(os.path.join(e.outputs.app.state_dir, "logs", f"{dyno}.log"), errors="replace") as fh:
+        return fh.read().splitlines()
+
+
+def test_a_transaction_that_holds_pause_past_its_bound_falls_back_and_loses_nothing(env):
+    e = env
+    held = {}
+
+    def open_a_transaction(ctx):
+        conn = psycopg.connect(pooler_mod.app_url(e.outputs.pooler, ctx.source_url()), autocommit=False,
+                               prepare_threshold=None)
+        conn.execute("INSERT INTO warehouses (code, name, region) VALUES ('HOLD', 'held', 'x')")
+        held["conn"] = conn                      # BEGIN ... still open: PAUSE waits for it
+
+    t0 = time.monotonic()
+    with pytest.raises(StepError, match="PAUSE app did not finish within 3s") as caught:
+        e.failover(hooks={"before:pause": open_a_transaction})
+    assert time.monotonic() - t0 < 120
+    assert caught.value.context["report"]["outcome"] == "fell_back"
+    held["conn"].commit()                        # the pooler was resumed: it commits, on the source
+    held["conn"].close()
+    source = e.sb.node("source")
+    assert pooler_target(e) == f"127.0.0.1:{source.port}/app"          # still the source
+    assert source.query("SELECT 1 FROM warehouses WHERE code = 'HOLD'", database="app")
+    assert not any(a.paused("app") for a in pooler_mod.admins(e.outputs.pooler, 5))
+    time.sleep(1.5)                             # the app writes again through the pooler, on the source
+    assert_nothing_lost(e)
+
+
+def test_the_pooler_down_before_the_point_of_no_return_falls_back(env):
+    e = env
+
+    def pooler_dies(ctx):
+        e.sb.stop_pooler(timeout=0)
+
+    with pytest.raises(StepError) as caught:
+        e.failover(hooks={"before:pause": pooler_dies})
+    report = caught.value.context["report"]
+    assert report["outcome"] == "fell_back", report.get("reason")
+    assert "admin console" in report["reason"]
+    e.sb.start_pooler()                          # the operator brings it back: the app writes on the source again
+    time.sleep(BOOT / 2)
+    assert_nothing_lost(e)
+
+
+def test_a_wrong_admin_password_is_refused_at_preflight_and_nothing_changes(env, monkeypatch):
+    e = env
+    monkeypatch.setenv("TERN_TEST_WRONG_ADMIN", "not-the-password")
+    wrong = e.outputs.model_copy(update={"pooler": e.outputs.pooler.model_copy(
+        update={"admin_password": "env:TERN_TEST_WRONG_ADMIN"})})
+    before = e.app_url()
+    with pytest.raises(StepError, match="admin console") as caught:
+        from runbook.failover.run import failover_ec2
+
+        failover_ec2(wrong, e.settings, confirm=lambda q: True)
+    assert "not-the-password" not in str(caught.value)
+    journal = Journal.load(e.settings.state_dir, Journal.latest(e.settings.state_dir))
+    assert [s.name for s in journal.steps() if s.outcome == "done"] == []
+    assert e.app_url() == before                  # the app was not moved onto the pooler
+
+
+def test_asking_for_the_pooler_without_one_is_bad_input(tmp_root):
+    from runbook.failover.pooler_switch import choose
+    from runbook.settings import Settings
+
+    e = Env(tmp_root)                            # no pooler in this sandbox
+    try:
+        with pytest.raises(ConfigError, match="declare no pooler"):
+            choose(Settings(switch_mode="pooler"), e.outputs)
+        assert choose(Settings(), e.outputs) == "url"
+    finally:
+        e.sb.down(check_ledger=False)
