@@ -187,5 +187,12 @@ def gather(outputs: Outputs, *, timeout: float = 5.0, sample_seconds: float = 2.
         acked, doubt = ledger.acked_and_doubt(ledger.read(outputs.app.state_dir))
         ledger_info = {"acknowledged": sum(len(v) for v in acked.values()),
                        "in_doubt": sum(len(v) for v in doubt.values())}
+    pooler = None
+    if outputs.pooler is not None:
+        from . import pooler as pooler_mod
+
+        pooler = {"endpoint": f"{outputs.pooler.host}:{outputs.pooler.port}",
+                  "app_uses_it": pooler_mod.points_at_pooler(outputs.pooler, url),
+                  "nodes": pooler_mod.status(outputs.pooler, timeout)}
     return {"stack": outputs.stack, "taken_at": time.time(), "nodes": nodes, "app": app_info, "ledger": ledger_info,
-            "replication": replication}
+            "replication": replication, "pooler": pooler}

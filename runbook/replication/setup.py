@@ -171,8 +171,8 @@ class IndexBuilder:
     without it, faster; from its own session, so that the apply's catch-up never waits behind other
     tables' indexes), then its secondary indexes and unique constraints
     (``INDEX_JOBS`` at once), then ``ANALYZE`` (Aurora has no statistics for a table filled by a copy:
-    the app's first queries after the switch would be planned blind), then each foreign key whose two
-    tables are finished. Best effort: what it could not build is left to schema_after, which builds
+    the app's first queries after the switch would be planned blind) and each foreign key whose two
+    tables are indexed. Best effort: what it could not build is left to schema_after, which builds
     whatever is missing and reports what fails."""
 
     def __init__(self, ctx: Context) -> None:
@@ -290,13 +290,16 @@ class IndexBuilder:
                     for table, futures in indexing.items():
                         if table not in analyzing and all(f.done() for f in futures):
                             analyzing[table] = pool.submit(analyze, table)
+                    # a foreign key needs its two tables copied and their keys and unique indexes built (not
+                    # their statistics: its validation is one anti-join, planned well enough without them)
+                    indexed = {t for t, futures in indexing.items() if all(f.done() for f in futures)}
                     finished = {t for t, f in analyzing.items() if f.done()}
-                    for fk in [fk for fk in self.foreign if fk[0] in finished and fk[1] in finished]:
+                    for fk in [fk for fk in self.foreign if fk[0] in indexed and fk[1] in indexed]:
                         self.foreign.remove(fk)
                         fks.append(pool.submit(foreign_key, fk[2]))
                     # done when the sync ended and what started for the copied tables is done (a table
                     # whose copy failed is not waited for: schema_after reports it)
-                    if synced and set(keying) <= finished and not self.foreign_waiting(finished) \
+                    if synced and set(keying) <= finished and not self.foreign_waiting(indexed) \
                             and all(f.done() for f in fks):
                         break
                     self._stop.wait(0.2)
@@ -306,7 +309,7 @@ class IndexBuilder:
             opened.close()
 
     def foreign_waiting(self, finished: set[str]) -> bool:
-        """A foreign key not started whose two tables are finished (it starts at the next look)."""
+        """A foreign key not started whose two tables are ready for it (it starts at the next look)."""
         return any(child in finished and parent in finished for child, parent, _ in self.foreign)
 
 

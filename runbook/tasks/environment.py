@@ -50,9 +50,25 @@ def render(data, out=out) -> None:
     if data["ledger"] is not None:
         out.print(f"ledger: {data['ledger']['acknowledged']} acknowledged writes, {data['ledger']['in_doubt']} in doubt")
     render_replication(data.get("replication"), out)
+    render_pooler(data.get("pooler"), out)
     for n in data["nodes"]:
         if n.get("error"):
             out.print(f"{n['name']}: {n['error']}", style="red", markup=False)
+
+
+def render_pooler(p, out=out) -> None:
+    if not p:
+        return
+    out.print(f"pooler {p['endpoint']} ({'the app writes through it' if p['app_uses_it'] else 'the app does not use it'})",
+              markup=False)
+    for n in p["nodes"]:
+        if n.get("error"):
+            out.print(f"  {n['node']}: {n['error']}", style="red", markup=False)
+        else:
+            out.print(f"  {n['node']}: -> {n.get('target')}, {'PAUSED' if n.get('paused') else 'running'}, clients "
+                      f"{n.get('clients_active')} active / {n.get('clients_waiting')} waiting (longest "
+                      f"{n.get('longest_wait_seconds', 0):.1f} s), servers {n.get('servers_active')} active / "
+                      f"{n.get('servers_idle')} idle", markup=False)
 
 
 def render_replication(rep, out=out) -> None:

@@ -60,6 +60,11 @@ def test_both_hops_through_the_pooler_hold_clients_and_restart_nothing(env):
     assert d["seconds"] is not None and d["seconds"] <= w["seconds"] + 0.5, (d, w)
     assert report["client_errors"] == 0 and report["longest_held_query_seconds"] > 0.05, report
     assert report["missing_on_target"] == 0
+    from runbook.status import gather            # invoke status shows the pooler: its target, pools, waiting clients
+
+    shown = gather(e.outputs, timeout=5, sample_seconds=0.2)["pooler"]
+    assert shown["app_uses_it"] is True and shown["nodes"][0]["target"] == f"{leader.host}:{leader.port}/app"
+    assert shown["nodes"][0]["paused"] is False and shown["nodes"][0]["clients_waiting"] == 0
 
     time.sleep(1.0)
     setup = replicate_aurora(e.outputs, e.settings, replica_identity_full=True)
@@ -109,8 +114,23 @@ def test_a_transaction_that_holds_pause_past_its_bound_falls_back_and_loses_noth
     assert_nothing_lost(e)
 
 
-def test_the_pooler_down_before_the_point_of_no_return_falls_back(env):
+def test_a_wrong_admin_password_changes_nothing_and_the_pooler_down_before_the_point_of_no_return_falls_back(
+        env, monkeypatch):
+    """One sandbox for both (each sandbox costs half a minute): a wrong admin password is refused at preflight
+    with nothing changed; then the pooler dies just before PAUSE: the run falls back."""
     e = env
+    monkeypatch.setenv("TERN_TEST_WRONG_ADMIN", "not-the-password")
+    wrong = e.outputs.model_copy(update={"pooler": e.outputs.pooler.model_copy(
+        update={"admin_password": "env:TERN_TEST_WRONG_ADMIN"})})
+    before = e.app_url()
+    from runbook.failover.run import failover_ec2
+
+    with pytest.raises(StepError, match="admin console") as caught:
+        failover_ec2(wrong, e.settings, confirm=lambda q: True)
+    assert "not-the-password" not in str(caught.value)
+    journal = Journal.load(e.settings.state_dir, Journal.latest(e.settings.state_dir))
+    assert [s.name for s in journal.steps() if s.outcome == "done"] == []
+    assert e.app_url() == before                  # the app was not moved onto the pooler
 
     def pooler_dies(ctx):
         e.sb.stop_pooler(timeout=0)
@@ -125,22 +145,6 @@ def test_the_pooler_down_before_the_point_of_no_return_falls_back(env):
     assert_nothing_lost(e)
 
 
-def test_a_wrong_admin_password_is_refused_at_preflight_and_nothing_changes(env, monkeypatch):
-    e = env
-    monkeypatch.setenv("TERN_TEST_WRONG_ADMIN", "not-the-password")
-    wrong = e.outputs.model_copy(update={"pooler": e.outputs.pooler.model_copy(
-        update={"admin_password": "env:TERN_TEST_WRONG_ADMIN"})})
-    before = e.app_url()
-    with pytest.raises(StepError, match="admin console") as caught:
-        from runbook.failover.run import failover_ec2
-
-        failover_ec2(wrong, e.settings, confirm=lambda q: True)
-    assert "not-the-password" not in str(caught.value)
-    journal = Journal.load(e.settings.state_dir, Journal.latest(e.settings.state_dir))
-    assert [s.name for s in journal.steps() if s.outcome == "done"] == []
-    assert e.app_url() == before                  # the app was not moved onto the pooler
-
-
 def test_asking_for_the_pooler_without_one_is_bad_input(tmp_root):
     from runbook.failover.pooler_switch import choose
     from runbook.settings import Settings
@@ -152,3 +156,21 @@ def test_asking_for_the_pooler_without_one_is_bad_input(tmp_root):
         assert choose(Settings(), e.outputs) == "url"
     finally:
         e.sb.down(check_ledger=False)
+
+
+def test_the_pooler_down_after_the_point_of_no_return_stops_with_a_clear_message_and_resumes(env):
+    e = env
+
+    def pooler_dies(ctx):
+        e.sb.stop_pooler(timeout=0)
+
+    with pytest.raises(StepError, match="after the point of no return") as caught:
+        e.failover(hooks={"before:switch": pooler_dies})
+    assert "admin console" in str(caught.value)
+    e.sb.start_pooler()                          # the operator brings the pooler back and runs the same command
+    report = e.failover()
+    assert report["outcome"] == "completed", report.get("reason")
+    leader = e.outputs.replica(report["new_leader"])
+    assert pooler_target(e) == f"{leader.host}:{leader.port}/app"
+    time.sleep(1.0)
+    assert_nothing_lost(e, report)

@@ -41,3 +41,16 @@ def test_initial_sync_arguments_and_scale():
     summary = m.pgcopydb_summary("12:00:00 1 INFO done\n        Step   Connection    Duration   Concurrency\n"
                                  "  ---  ---\n  Total Wall Clock Duration   both   7s624   2 + 3\n")
     assert summary[0].strip().startswith("Step") and "Total Wall Clock" in summary[-1]
+
+
+def test_switch_bench_arguments_and_figures():
+    m = bench("switch")
+    for bad in (["--runs", "0"], ["--modes", "dns"], ["--boot", "-1"], ["--rate", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            m.main(bad)
+        assert exc.value.code == 2
+    report = {"outcome": "completed", "write_unavailability": {"seconds": 1.2},
+              "database_unavailability": {"seconds": 0.8}, "longest_held_query_seconds": 1.1, "client_errors": 0,
+              "missing_on_target": 0}
+    assert m.figures(report) == {"outcome": "completed", "app": 1.2, "database": 0.8, "held": 1.1, "errors": 0,
+                                 "missing": 0}
