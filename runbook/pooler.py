@@ -188,6 +188,19 @@ def _shut_socket(conn: psycopg.Connection) -> None:
         sock.close()
 
 
+def check_app_login(pooler: Pooler, url: str, *, timeout: float) -> None:
+    """The app's own role logs in through the pooler and reaches the database it names (``SELECT 1``);
+    else DatabaseError naming why (the password never in it)."""
+    try:
+        with psycopg.connect(url, connect_timeout=max(1, int(timeout)), prepare_threshold=None,
+                             application_name="tern:pooler-check") as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        raise DatabaseError(f"the pooler {pooler.host}:{pooler.port} does not let the app's role through to its "
+                            f"database: {redact(str(exc)).strip().splitlines()[0] if str(exc) else type(exc).__name__}"
+                            " (its auth_file must hold the role; see runbook/pooler.py)") from None
+
+
 def admins(pooler: Pooler, timeout: float) -> list[Admin]:
     return [Admin(pooler, n, timeout=timeout) for n in pooler.nodes]
 

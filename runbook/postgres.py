@@ -137,8 +137,8 @@ class PgHost:
         psql = _local_psql()
         if psql is None or time.monotonic() < self._tls_down_until:
             return None
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env["PGCONNECT_TIMEOUT"] = "3"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "LC_", "LANG"))}
+        env.update(PGCONNECT_TIMEOUT="3", LC_ALL="C")   # psql's messages in English: the fallback reads them
         try:
             res = subprocess.run([psql, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", self.sql_url(database),
                                   "-f", "-"], input=statement, capture_output=True, text=True, timeout=timeout, env=env)

@@ -426,7 +426,8 @@ def check_identity(ctx: Context, name: str) -> str:
         raise VerificationError(f"{name} is no longer a standby")
     if (lsn_to_int(row["lsn"]) or 0) < replay_target(lsn_to_int(ctx.data["final_lsn"])):
         raise VerificationError(f"{name} replayed only to {row['lsn']}, before the final LSN {ctx.data['final_lsn']}")
-    return f"system identifier {row['id']} matches; replayed {row['lsn']} >= final {ctx.data['final_lsn']}"
+    return (f"system identifier {row['id']} matches; replayed {row['lsn']}, everything before the final LSN "
+            f"{ctx.data['final_lsn']}")
 
 
 def prove_nothing_after_final(ctx: Context) -> str:
@@ -560,7 +561,9 @@ def plan(mode: str = "url") -> list[Step]:
     if pooled:
         into_pooler = [Step("pooler_in", "the app's DATABASE_URL -> the pooler, pointing at the source (one restart, "
                                          "outside the window)", pooler_switch.pooler_in,
-                            check=pooler_switch.app_on_pooler)]
+                            check=pooler_switch.app_on_pooler, revert=pooler_switch.pooler_out,
+                            revert_hint="the app's DATABASE_URL names the pooler (pointing at the source): set it back "
+                                        "to the source's URL if you do not want it there")]
         freeze = Step("pause", "PAUSE the pooler (running transactions end, new queries are held)", pooler_switch.pause,
                       check=pooler_switch.paused, revert=pooler_switch.resume, revert_hint=pooler_switch.RESUME_HINT)
         move = Step("switch", "the pooler -> the new leader, RESUME (no config-var change, no restart)",

@@ -83,11 +83,17 @@ def app_on_pooler(ctx: Context) -> bool:
 def pooler_in(ctx: Context) -> dict[str, Any]:
     p = ctx.outputs.pooler
     var = ctx.outputs.source.database_url_var
+    if pooler_mod.points_at_pooler(p, ctx.source_url()):
+        raise PreflightError(f"the app already writes through the pooler but tern does not know the source's own URL: "
+                             f"set {SOURCE_URL_VAR} to it (tern's sessions must reach the source directly)")
     if app_on_pooler(ctx):
         target = pooler_mod.current_target(p)
         return {"app_endpoint": endpoint(ctx), "detail": f"the app already writes through the pooler (-> {target})"}
     source = ctx.source_url()
     done = pooler_mod.point(p, pooler_mod.Target.of_url(source), timeout=ctx.settings.connect_timeout)
+    # before the app depends on it: the pooler admits the app's own role and reaches the source with it
+    # (its auth_file must hold the role; a pooler that refuses it would take the whole app down at the restart)
+    pooler_mod.check_app_login(p, pooler_mod.app_url(p, source), timeout=ctx.settings.connect_timeout)
     since = time.time()
     ctx.app.set_config_vars({var: pooler_mod.app_url(p, source), SOURCE_URL_VAR: source})
     # Heroku restarts every dyno now: wait until the app writes again, through the pooler, before freezing
@@ -124,6 +130,13 @@ def resume(ctx: Context) -> None:
     if failed:
         raise RunbookError("RESUME failed on the pooler (its clients stay held until query_wait_timeout): "
                            + "; ".join(failed))
+
+
+def pooler_out(ctx: Context) -> None:
+    """Revert of ``pooler_in``: the app's URL back to the source's (one more restart); nothing was frozen yet."""
+    var = ctx.outputs.source.database_url_var
+    if app_on_pooler(ctx):
+        ctx.app.set_config_vars({var: ctx.source_url()})
 
 
 RESUME_HINT = ("the pooler may still be paused: RESUME <db> on each node's admin console (psql -h <node> -p 6432 "

@@ -56,6 +56,8 @@ from ..steps import Step
 from ..verify import gate
 from .state import RunState
 from . import aurora as forward
+from . import pooler_switch
+from .. import pooler as pooler_mod
 from . import fence as fence_mod
 from .app_steps import (app_started, maintenance_on, restore_workers, start_app, stop_workers,
                         workers_stopped)
@@ -73,6 +75,11 @@ class RollbackContext(Context):
     leader_sessions: SourceSessions | None = None
 
     def leader_url(self) -> str:
+        if pooled(self):   # the app reaches Aurora through the pooler: the leader is the one failover-aurora left
+            from ..restore import replica_url
+
+            r = self.replica(self.data.leader or RunState.from_journal(last_failover(self.settings.state_dir)).leader)
+            return replica_url(self.app.config_var(self.outputs.source.database_url_var), r)
         return leader_url(self.app, self.outputs)
 
     def leader_held(self) -> SourceSessions:
@@ -123,9 +130,18 @@ def last_failover(state_dir: Path) -> Journal:
     return journal
 
 
+def pooled(ctx: Context) -> bool:
+    """The app writes through the pooler (failover-aurora switched it there without a config-var change)."""
+    return ctx.outputs.pooler is not None and pooler_mod.points_at_pooler(
+        ctx.outputs.pooler, ctx.app.config_var(ctx.outputs.source.database_url_var))
+
+
 def app_on_aurora(ctx: Context) -> bool:
-    url = ctx.app.config_var(ctx.outputs.source.database_url_var)
     a = ctx.outputs.aurora
+    if pooled(ctx):
+        target = pooler_mod.current_target(ctx.outputs.pooler)
+        return target is not None and (target.host, target.port) == (a.writer_endpoint, a.port)
+    url = ctx.app.config_var(ctx.outputs.source.database_url_var)
     return bool(url) and url_endpoint(url)[:2] == (a.writer_endpoint, a.port)
 
 
@@ -182,15 +198,20 @@ def preflight(ctx: Context) -> dict[str, Any]:
     failover = last_failover(ctx.settings.state_dir)
     if not app_on_aurora(ctx):
         raise PreflightError("the app's database URL does not point at Aurora: nothing to roll back")
-    if not ctx.app.config_var(EC2_URL_VAR):
+    if pooled(ctx):   # no config var kept: failover-aurora's journal names the leader
+        r = ctx.replica(RunState.from_journal(failover).leader)
+    elif not ctx.app.config_var(EC2_URL_VAR):
         raise PreflightError(f"the app has no {EC2_URL_VAR} (the EC2 leader's URL failover-aurora keeps): "
                              "cannot tell where to roll back to")
-    r = leader(ctx.app, ctx.outputs)
+    else:
+        r = leader(ctx.app, ctx.outputs)
     seen = wait_streaming(ctx, r.name)
     if seen["lag_bytes"] is not None and seen["lag_bytes"] > ctx.settings.max_lag_bytes:
         raise PreflightError(f"{r.name} is {seen['lag_bytes']:,} bytes behind Aurora (threshold "
                              f"{ctx.settings.max_lag_bytes:,}): wait until the reverse replication catches up")
-    role = url_user(ctx.app.config_var(EC2_URL_VAR))
+    role = url_user(ctx.app.config_var(EC2_URL_VAR) or ctx.app.config_var(ctx.outputs.source.database_url_var))
+    if pooled(ctx):
+        pooler_switch.check(ctx)
     with _master(ctx) as master:
         prepared = fence_mod.prepared_transactions(master)
         if prepared:
@@ -449,7 +470,36 @@ def retire_reverse(ctx: Context) -> dict[str, Any]:
                       "its slot and publication on Aurora"}
 
 
-def plan() -> list[Step]:
+def switch_pooler(ctx: Context) -> dict[str, Any]:
+    return pooler_switch.switch_to(ctx, ctx.leader_url())
+
+
+def pooler_switched_back(ctx: Context) -> bool:
+    return pooler_switch.switched_to(ctx, ctx.leader_url())
+
+
+def smoke_test_pooled(ctx: Context) -> dict[str, Any]:
+    p = ctx.outputs.pooler
+    what = ctx.app.smoke_test(p.host, p.port, since=ctx.data.switched_at or 0.0, timeout=ctx.settings.smoke_timeout)
+    return {"smoke_test": what, "detail": what + " (through the pooler, which names the EC2 leader)"}
+
+
+def plan(mode: str = "url") -> list[Step]:
+    """The steps; ``mode`` pooler holds the app's queries in PgBouncer and repoints it (:mod:`.pooler_switch`)."""
+    if mode == "pooler":
+        freeze = Step("pause", "PAUSE the pooler (running transactions end, new queries are held)", pooler_switch.pause,
+                      check=pooler_switch.paused, revert=pooler_switch.resume, revert_hint=pooler_switch.RESUME_HINT)
+        move = [Step("switch", "the pooler -> the EC2 leader, RESUME (no config-var change, no restart)",
+                     switch_pooler, check=pooler_switched_back),
+                Step("start_app", "start the workers", start_app, check=app_started),
+                Step("smoke_test", "smoke test through the app and the pooler on the EC2 leader", smoke_test_pooled)]
+    else:
+        freeze = Step("maintenance_on", "maintenance mode on (web stops writing)", maintenance_on,
+                      check=lambda ctx: ctx.app.maintenance(), revert=lambda ctx: ctx.app.set_maintenance(False),
+                      revert_hint="the app is still in maintenance mode: turn it off")
+        move = [Step("switch", "switch the app's database URL back to the EC2 leader", switch, check=switched_back),
+                Step("start_app", "start the web, then the workers", start_app, check=app_started),
+                Step("smoke_test", "smoke test through the app on the EC2 leader", smoke_test)]
     return [
         Step("preflight", "preflight: the app on Aurora, reverse replication streaming", preflight),
         Step("hold_leader", "the sealed EC2 leader admits tern's sessions only", hold_leader,
@@ -457,9 +507,7 @@ def plan() -> list[Step]:
              revert_hint="the EC2 leader admits tern's sessions: ALTER DATABASE <db> CONNECTION LIMIT 0 as superuser"),
         Step("stop_workers", "stop background workers", stop_workers, check=workers_stopped, revert=restore_workers,
              revert_hint="the background workers are still scaled to 0: scale them back"),
-        Step("maintenance_on", "maintenance mode on (web stops writing)", maintenance_on,
-             check=lambda ctx: ctx.app.maintenance(), revert=lambda ctx: ctx.app.set_maintenance(False),
-             revert_hint="the app is still in maintenance mode: turn it off"),
+        freeze,
         Step("fence", "fence Aurora for the app's role and prove it", fence, verify=prove_fenced, revert=unfence,
              recheck=prove_fenced, revert_hint="the app's role on Aurora is still fenced: ALTER ROLE <app> "
                                                "CONNECTION LIMIT -1 and RESET default_transaction_read_only"),
@@ -469,11 +517,10 @@ def plan() -> list[Step]:
         Step("verify", "verify frozen Aurora against the leader (bounded sample)", verify),
         Step("switch_back", "stop the reverse replication, resume Aurora's, open the leader", switch_back,
              point_of_no_return=True),
-        Step("switch", "switch the app's database URL back to the EC2 leader", switch, check=switched_back),
-        Step("start_app", "start the web, then the workers", start_app, check=app_started),
-        Step("smoke_test", "smoke test through the app on the EC2 leader", smoke_test),
+        *move,
         Step("retire_reverse", "drop the reverse replication (subscription, slot, publication)", retire_reverse),
     ]
 
 
 STEP_NAMES = [s.name for s in plan()]
+POOLER_STEP_NAMES = [s.name for s in plan("pooler")]

@@ -265,9 +265,10 @@ def rollback_aurora(outputs: Outputs, settings: Settings, *, dry_run: bool = Fal
         return rollback.RollbackContext(outputs, settings, app, journal, data=journal.context(), progress=progress,
                                         source_override=aurora_master_url(outputs))
 
-    spec = PlanRun(rollback.KIND, lambda mode: rollback.plan(), context,
+    spec = PlanRun(rollback.KIND, rollback.plan, context,
                    hop2_dry_run(rollback.KIND, rollback.preflight, when_in_progress=False), refuses=True,
                    already_done=lambda: completed_in_use(Path(settings.state_dir), rollback.KIND, outputs, app,
                                                          lambda state: state.leader),
-                   already_done_means="the app uses the EC2 leader")
+                   already_done_means="the app uses the EC2 leader",
+                   created={"switch_mode": pooler_switch.choose(settings, outputs, app)})
     return run_plan(spec, outputs, settings, app, dry_run=dry_run, confirm=confirm, progress=progress, hooks=hooks)

@@ -69,6 +69,25 @@ def without_extensions(text: str, allowed: set[str]) -> tuple[str, list[tuple[st
     return preamble(text) + "".join(kept), wanted, skipped
 
 
+def partitioned_tables(leader: PgHost, database: str) -> set[str]:
+    """``schema.table`` of every partitioned table and partition on the leader: their keys are built before the
+    copy (the subscription lists only the root, so the copy's finisher never sees a partition's state)."""
+    rows = leader.query("SELECT n.nspname || '.' || c.relname AS tbl FROM pg_class c JOIN pg_namespace n "
+                        "ON n.oid = c.relnamespace WHERE c.relkind = 'p' OR c.relispartition", database=database)
+    return {r["tbl"] for r in rows}
+
+
+def keys_of(keys_text: str, tables: set[str]) -> str:
+    """The key entries of ``keys_text`` (split_post_data's first part) that belong to ``tables``."""
+    out = []
+    for _kind, body in entries(keys_text):
+        m = re.search(r'ALTER TABLE (?:ONLY )?((?:"[^"]+"|[^\s."(]+)\.(?:"[^"]+"|[^\s"(]+))', body)
+        name = ".".join(part.strip('"') for part in re.findall(r'"[^"]+"|[^.]+', m.group(1))) if m else ""
+        if name in tables:
+            out.append(body)
+    return preamble(keys_text) + "".join(out)
+
+
 def split_post_data(text: str) -> tuple[str, str]:
     """(primary keys, the rest): keys before the initial copy, the rest after it."""
     keys, rest = [], []
@@ -141,10 +160,12 @@ def set_autovacuum(aurora: psycopg.Connection, role: str, enabled: bool, leader:
     ``enabled``: each table as on the leader - its own ``autovacuum_enabled`` where it set one
     (``leader``: table -> value, from :func:`autovacuum_settings`), the default elsewhere. Returns the
     number of tables."""
-    tables = aurora.execute("SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c "
+    # the app's tables only (an extension's, e.g. PostGIS's spatial_ref_sys, belong to the master: left alone)
+    tables = aurora.execute("SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c "
                             "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' "
                             "AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_' "
-                            "AND pg_has_role(c.relowner, 'USAGE') ORDER BY 1").fetchall()
+                            "AND c.relowner = (SELECT oid FROM pg_roles WHERE rolname = %s) ORDER BY 1",
+                            (role,)).fetchall()
     leader = leader or {}
     statements = []
     for (t,) in tables:

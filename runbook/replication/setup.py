@@ -121,6 +121,9 @@ def copy_schema(ctx: Context) -> dict[str, Any]:
         schema.restore(master, pre, role, "schema (tables, types, functions, views)")
         if keys_now:
             schema.restore(master, keys, role, "primary keys")
+        else:   # partitioned tables and partitions keep their keys first (the finisher sees only the roots)
+            schema.restore(master, schema.keys_of(keys, schema.partitioned_tables(_leader(ctx), _db(ctx))), role,
+                           "primary keys of partitioned tables")
         schema.set_autovacuum(master, role, enabled=False)   # on again at schema_after
     note = f"; extensions not offered by Aurora, not created: {', '.join(skipped)}" if skipped else ""
     what = "primary keys" if keys_now else "primary keys as each table's copy ends"
@@ -249,15 +252,21 @@ class IndexBuilder:
             with native.master_connection(url, timeout) as conn:   # its own session: never queued behind indexes
                 conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(INDEX_MAINTENANCE_WORK_MEM)))
                 for body in bodies:
-                    if schema.present(conn, body):
-                        continue
-                    try:
-                        schema.restore(conn, self.head + body, self.role, "primary key")
-                        with self._lock:
-                            self.primary_keys += 1
-                    except Exception as exc:  # noqa: BLE001 - best effort: schema_after builds what is missing
-                        with self._lock:
-                            self.failed.append(str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__)
+                    for attempt in range(3):   # the sync waits on the key: a transient failure is tried again
+                        if schema.present(conn, body):
+                            break
+                        try:
+                            schema.restore(conn, self.head + body, self.role, "primary key")
+                            with self._lock:
+                                self.primary_keys += 1
+                            break
+                        except Exception as exc:  # noqa: BLE001 - best effort: schema_after builds what is missing
+                            if attempt == 2:
+                                with self._lock:
+                                    self.failed.append(str(exc).strip().splitlines()[0] if str(exc)
+                                                       else type(exc).__name__)
+                            else:
+                                time.sleep(0.5 * (attempt + 1))
 
         def analyze(table: str) -> None:
             ident = sql.Identifier(*table.split(".", 1)).as_string(None)
@@ -330,7 +339,8 @@ def schema_after(ctx: Context) -> dict[str, Any]:
     keys, rest = schema.split_post_data(schema.dump(_leader(ctx), _db(ctx), "post-data"))
     role = schema.app_role(ctx.source_url())
     head = schema.preamble(rest)
-    items = schema.entries(keys) + schema.entries(rest)   # keys first (native builds them after each copy)
+    key_items = schema.entries(keys)   # first: a table in state r without its key stalls the whole apply
+    items = schema.entries(rest)
     indexes = [(k, b) for k, b in items if k == "INDEX"]
     others = [(k, b) for k, b in items if k != "INDEX"]
     counts = {"done": 0, "skipped": 0}
@@ -363,6 +373,7 @@ def schema_after(ctx: Context) -> dict[str, Any]:
                     continue
                 apply(master, kind, body)
 
+    build(key_items)
     jobs = max(1, min(INDEX_JOBS, len(indexes)))
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for f in [pool.submit(build, indexes[i::jobs]) for i in range(jobs)]:

@@ -79,9 +79,19 @@ def test_both_hops_through_the_pooler_hold_clients_and_restart_nothing(env):
     w2 = hop2["write_unavailability"]
     assert w2["seconds"] is not None and w2["seconds"] < BOOT and hop2["client_errors"] == 0, hop2
     # no restart at hop 2: no config-var change, so no dyno booted again after hop 1's pooler_in
+    # and back: rollback-aurora through the pooler too, to the EC2 leader failover-aurora's journal names
+    from runbook.failover import rollback as rollback_plan
+    from runbook.failover.run import rollback_aurora
+
+    time.sleep(1.5)
+    back = rollback_aurora(e.outputs, e.settings, confirm=lambda q: True)
+    assert back["outcome"] == "completed", back.get("reason")
+    assert [s["name"] for s in back["steps"]] == rollback_plan.POOLER_STEP_NAMES
+    assert pooler_target(e) == f"{leader.host}:{leader.port}/app" and pooler_mod.points_at_pooler(p, e.app_url())
+    assert back["client_errors"] == 0 and back["write_unavailability"]["seconds"] < BOOT, back
     restarts = [ln for ln in _app_logs(e, "web.1") if "booting (restart)" in ln]
     assert len(restarts) == 1, restarts         # once, at pooler_in (hop 1, before the window), never at a switch
-    assert_nothing_lost(e, hop2)
+    assert_nothing_lost(e, back)
 
 
 def _app_logs(e: Env, dyno: str) -> list[str]:
