@@ -49,7 +49,7 @@ def test_rehearse_json_then_report_after_the_sandbox_is_gone(tmp_root):
 
     sb, state = tmp_root / "sandbox", tmp_root / "state"
     try:
-        res = run_invoke("rehearse", "--seconds", "2", "--json", sandbox_dir=sb, state_dir=state)
+        res = run_invoke("rehearse", "--seconds", "2", "--boot-seconds", "2", "--json", sandbox_dir=sb, state_dir=state)
     finally:
         Sandbox(sb).down(check_ledger=False)   # a no-op unless it failed half-way
     assert res.returncode == 0, res.stderr[-3000:]
@@ -60,6 +60,8 @@ def test_rehearse_json_then_report_after_the_sandbox_is_gone(tmp_root):
     for r in (report, report["failover_ec2"]):
         assert r["outcome"] == "completed" and r["missing_on_target"] == 0 and r["acknowledged_writes"] > 0
         assert r["write_unavailability"]["seconds"] is not None
+        # through the pooler (installed by ./dev): no restart at the switch, the database's own figure beside
+        assert r["switch_mode"] == "pooler" and r["database_unavailability"]["seconds"] is not None
     for needle in ("building the sandbox", "restoring ec2-a", "failover-ec2", "tern status", "ledger check on"):
         assert needle in res.stderr, needle    # tables and progress, on stderr, without a terminal
     run_dir = state / "local" / "runs" / report["run_id"]

@@ -138,3 +138,25 @@ def test_bad_input_for_hop2_changes_nothing(hop2):
     assert res.returncode == 2 and "audit_events" in res.stderr   # refused by the register, nothing changed
     with psycopg.connect(aurora_master_url(e.outputs), autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM pg_subscription").fetchone()[0] == 0
+
+
+def test_a_write_on_the_fenced_leader_after_the_sentinel_is_carried_not_lost(hop2):
+    """The platform's superuser (or autovacuum's analyze) writes on the fenced leader after the sentinel: the
+    switch-over carries it with a new sentinel instead of falling back, and the row is on Aurora."""
+    e = hop2
+    replicate_aurora(e.outputs, e.settings, replica_identity_full=True)
+    time.sleep(1.0)
+    leader = e.sb.node(next(r.name for r in e.outputs.replicas if f":{r.port}/" in e.app_url()))
+
+    def superuser_writes(ctx):
+        leader.psql("SET default_transaction_read_only = off;\n"
+                    "INSERT INTO warehouses (code, name, region) VALUES ('SU', 'after the sentinel', 'x');",
+                    database="app")
+
+    report = failover_aurora(e.outputs, e.settings, confirm=lambda q: True, hooks={"before:switch_over": superuser_writes})
+    assert report["outcome"] == "completed", report.get("reason")
+    over = next(s for s in report["steps"] if s["name"] == "switch_over")
+    assert "more sentinels, carried too" in over["detail"]
+    with psycopg.connect(aurora_master_url(e.outputs), autocommit=True) as master:
+        assert master.execute("SELECT count(*) FROM warehouses WHERE code = 'SU'").fetchone()[0] == 1
+    assert_nothing_lost(e, report)

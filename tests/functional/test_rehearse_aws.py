@@ -22,7 +22,7 @@ def test_rehearse_hop1_through_the_ssm_heroku_and_ec2_standins(tmp_root):
 
     sb, state = tmp_root / "sandbox", tmp_root / "state"
     try:
-        res = run_invoke("rehearse", "--hops", "1", "--adapters", "aws", "--seconds", "2", "--json",
+        res = run_invoke("rehearse", "--hops", "1", "--adapters", "aws", "--seconds", "2", "--boot-seconds", "1", "--json",
                          sandbox_dir=sb, state_dir=state, timeout=1100)
     finally:
         Sandbox(sb).down(check_ledger=False)   # a no-op unless it failed half-way
