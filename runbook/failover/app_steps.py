@@ -41,3 +41,12 @@ def start_app(ctx: Context) -> dict[str, Any]:
 def app_started(ctx: Context) -> bool:
     running = ctx.app.running()
     return not ctx.app.maintenance() and all(running.get(t, 0) >= n for t, n in background_types(ctx).items())
+
+
+def maintenance_step():
+    """maintenance_on as a plan step (url mode, every plan's)."""
+    from ..steps import Step
+
+    return Step("maintenance_on", "maintenance mode on (web stops writing)", maintenance_on,
+                check=lambda ctx: ctx.app.maintenance(), revert=lambda ctx: ctx.app.set_maintenance(False),
+                revert_hint="the app is still in maintenance mode: turn it off")

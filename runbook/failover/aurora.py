@@ -49,7 +49,7 @@ from ..steps import Step
 from ..verify import choose_sample, gate
 from . import consistent_point, pooler_switch
 from . import fence as fence_mod
-from .app_steps import (app_started, maintenance_on, restore_workers, start_app, stop_workers,
+from .app_steps import (app_started, maintenance_step, restore_workers, start_app, stop_workers,
                         workers_stopped)
 from .context import Context
 from .fence import next_xid
@@ -355,24 +355,19 @@ def pooler_switched(ctx: Context) -> bool:
 
 
 def smoke_test_pooled(ctx: Context) -> dict[str, Any]:
-    p = ctx.outputs.pooler
-    what = ctx.app.smoke_test(p.host, p.port, since=ctx.data.switched_at or 0.0, timeout=ctx.settings.smoke_timeout)
-    return {"smoke_test": what, "detail": what + " (through the pooler, which names Aurora)"}
+    return pooler_switch.smoke_test(ctx, "Aurora")
 
 
 def plan(mode: str = "url") -> list[Step]:
     """The steps; ``mode`` pooler holds the app's queries in PgBouncer and repoints it (:mod:`.pooler_switch`)."""
     if mode == "pooler":
-        freeze = Step("pause", "PAUSE the pooler (running transactions end, new queries are held)", pooler_switch.pause,
-                      check=pooler_switch.paused, revert=pooler_switch.resume, revert_hint=pooler_switch.RESUME_HINT)
+        freeze = pooler_switch.pause_step()
         move = [Step("switch", "the pooler -> Aurora, RESUME (no config-var change, no restart)", switch_pooler,
                      check=pooler_switched),
                 Step("start_app", "start the workers", start_app, check=app_started),
                 Step("smoke_test", "smoke test through the app and the pooler on Aurora", smoke_test_pooled)]
     else:
-        freeze = Step("maintenance_on", "maintenance mode on (web stops writing)", maintenance_on,
-                      check=lambda ctx: ctx.app.maintenance(), revert=lambda ctx: ctx.app.set_maintenance(False),
-                      revert_hint="the app is still in maintenance mode: turn it off")
+        freeze = maintenance_step()
         move = [Step("switch", "switch the app's database URL to Aurora", switch, check=switched),
                 Step("start_app", "start the web, then the workers", start_app, check=app_started),
                 Step("smoke_test", "smoke test through the app on Aurora", smoke_test)]

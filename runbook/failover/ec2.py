@@ -46,7 +46,7 @@ from ..status import TIMELINE_SQL, replica_status
 from ..steps import Step
 from ..verify import choose_sample, gate
 from . import fence as fence_mod
-from .app_steps import (app_started, background_types, maintenance_on, restore_workers, start_app, stop_workers,
+from .app_steps import (app_started, background_types, maintenance_step, restore_workers, start_app, stop_workers,
                         workers_stopped)
 from .fence import next_xid
 from . import pooler_switch, witness
@@ -564,15 +564,12 @@ def plan(mode: str = "url") -> list[Step]:
                             check=pooler_switch.app_on_pooler, revert=pooler_switch.pooler_out,
                             revert_hint="the app's DATABASE_URL names the pooler (pointing at the source): set it back "
                                         "to the source's URL if you do not want it there")]
-        freeze = Step("pause", "PAUSE the pooler (running transactions end, new queries are held)", pooler_switch.pause,
-                      check=pooler_switch.paused, revert=pooler_switch.resume, revert_hint=pooler_switch.RESUME_HINT)
+        freeze = pooler_switch.pause_step()
         move = Step("switch", "the pooler -> the new leader, RESUME (no config-var change, no restart)",
                     switch_pooler, check=pooler_switched)
     else:
         into_pooler = []
-        freeze = Step("maintenance_on", "maintenance mode on (web stops writing)", maintenance_on,
-                      check=lambda ctx: ctx.app.maintenance(), revert=lambda ctx: ctx.app.set_maintenance(False),
-                      revert_hint="the app is still in maintenance mode: turn it off")
+        freeze = maintenance_step()
         move = Step("switch", "switch DATABASE_URL to the new leader", switch, check=switched)
     return [
         Step("preflight", "preflight: replicas, candidate, collation", preflight),

@@ -139,6 +139,21 @@ def pooler_out(ctx: Context) -> None:
         ctx.app.set_config_vars({var: ctx.source_url()})
 
 
+def pause_step():
+    """The step that replaces maintenance_on in pooler mode (every plan's)."""
+    from ..steps import Step
+
+    return Step("pause", "PAUSE the pooler (running transactions end, new queries are held)", pause,
+                check=paused, revert=resume, revert_hint=RESUME_HINT)
+
+
+def smoke_test(ctx: Context, names: str) -> dict[str, Any]:
+    """The app's smoke test through the pooler (which names ``names`` now)."""
+    p = ctx.outputs.pooler
+    what = ctx.app.smoke_test(p.host, p.port, since=ctx.data.switched_at or 0.0, timeout=ctx.settings.smoke_timeout)
+    return {"smoke_test": what, "detail": f"{what} (through the pooler, which names {names})"}
+
+
 RESUME_HINT = ("the pooler may still be paused: RESUME <db> on each node's admin console (psql -h <node> -p 6432 "
                "-U tern_admin pgbouncer)")
 

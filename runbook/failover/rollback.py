@@ -59,7 +59,7 @@ from . import aurora as forward
 from . import pooler_switch
 from .. import pooler as pooler_mod
 from . import fence as fence_mod
-from .app_steps import (app_started, maintenance_on, restore_workers, start_app, stop_workers,
+from .app_steps import (app_started, maintenance_step, restore_workers, start_app, stop_workers,
                         workers_stopped)
 from .context import Context
 from .fence import SourceSessions, next_xid
@@ -479,24 +479,19 @@ def pooler_switched_back(ctx: Context) -> bool:
 
 
 def smoke_test_pooled(ctx: Context) -> dict[str, Any]:
-    p = ctx.outputs.pooler
-    what = ctx.app.smoke_test(p.host, p.port, since=ctx.data.switched_at or 0.0, timeout=ctx.settings.smoke_timeout)
-    return {"smoke_test": what, "detail": what + " (through the pooler, which names the EC2 leader)"}
+    return pooler_switch.smoke_test(ctx, "the EC2 leader")
 
 
 def plan(mode: str = "url") -> list[Step]:
     """The steps; ``mode`` pooler holds the app's queries in PgBouncer and repoints it (:mod:`.pooler_switch`)."""
     if mode == "pooler":
-        freeze = Step("pause", "PAUSE the pooler (running transactions end, new queries are held)", pooler_switch.pause,
-                      check=pooler_switch.paused, revert=pooler_switch.resume, revert_hint=pooler_switch.RESUME_HINT)
+        freeze = pooler_switch.pause_step()
         move = [Step("switch", "the pooler -> the EC2 leader, RESUME (no config-var change, no restart)",
                      switch_pooler, check=pooler_switched_back),
                 Step("start_app", "start the workers", start_app, check=app_started),
                 Step("smoke_test", "smoke test through the app and the pooler on the EC2 leader", smoke_test_pooled)]
     else:
-        freeze = Step("maintenance_on", "maintenance mode on (web stops writing)", maintenance_on,
-                      check=lambda ctx: ctx.app.maintenance(), revert=lambda ctx: ctx.app.set_maintenance(False),
-                      revert_hint="the app is still in maintenance mode: turn it off")
+        freeze = maintenance_step()
         move = [Step("switch", "switch the app's database URL back to the EC2 leader", switch, check=switched_back),
                 Step("start_app", "start the web, then the workers", start_app, check=app_started),
                 Step("smoke_test", "smoke test through the app on the EC2 leader", smoke_test)]
