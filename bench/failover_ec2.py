@@ -111,7 +111,8 @@ def one_run(mode: str, rate: float, warmup: float, scale: int = 1, cache: Path |
         if adapters == "aws":
             from runbook.standins.world import AwsWorld
 
-            standins = world.enter_context(AwsWorld(sb, latency=latency))
+            # the replicas were restored above with the local outputs: the sandbox's own archive
+            standins = world.enter_context(AwsWorld(sb, latency=latency, archive="directory"))
             outputs = standins.outputs
         t0 = time.monotonic()
         try:

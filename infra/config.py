@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from . import binaries
+
 NAMESPACE = "tern"
 # Debian 12's pgbouncer: the exact version the pooler installs unless tern:pgbouncer_version names another
 PGBOUNCER_VERSION = "1.18.0-1+deb12u1"
@@ -55,8 +57,14 @@ class StackConfig:
     pooler: bool = True
     pgbouncer_version: str = PGBOUNCER_VERSION
     pooler_instance_type: str = "c6i.large"
-    admin_cidrs: list[str] = field(default_factory=list)   # where tern runs: the only sources of the admin console
+    # where tern runs: the only sources of the admin console and of the replicas' client-certificate hba line
+    admin_cidrs: list[str] = field(default_factory=list)
     pooler_admin_password: Any = None          # a config secret (pulumi.Output) - never exported
+    # WAL-G on the replicas, pinned (infra/binaries.py): the SHA-256 has no default and `pulumi up` refuses
+    # without it; walg_url: a mirror of the same tarball (https) when the subnets cannot reach GitHub
+    walg_sha256: str | None = None
+    walg_version: str = binaries.WALG_VERSION
+    walg_url: str | None = None
 
     @property
     def zones(self) -> list[str]:
@@ -97,7 +105,10 @@ def from_mapping(values: Mapping[str, Any], *, replication_password: Any = None,
         pooler=_bool(v.get("pooler", True)), pgbouncer_version=str(v.get("pgbouncer_version") or PGBOUNCER_VERSION),
         pooler_instance_type=v.get("pooler_instance_type") or "c6i.large",
         admin_cidrs=list(_list(v.get("admin_cidrs"))), pooler_admin_password=pooler_admin_password,
+        walg_sha256=str(v["walg_sha256"]).strip().lower() if v.get("walg_sha256") else None,
+        walg_version=str(v.get("walg_version") or binaries.WALG_VERSION), walg_url=v.get("walg_url") or None,
     )
+    binaries.check_walg(cfg.walg_version, cfg.walg_sha256, cfg.walg_url)
     if len(cfg.private_subnets) < 2:
         raise ValueError(f"{NAMESPACE}:private_subnets needs subnets in at least two availability zones")
     if cfg.replica_count < 2:
@@ -107,9 +118,24 @@ def from_mapping(values: Mapping[str, Any], *, replication_password: Any = None,
     for cidr in cfg.app_source_cidrs:
         if cidr.endswith("/0"):
             raise ValueError(f"{NAMESPACE}:app_source_cidrs must not open the databases to the world ({cidr})")
+    _check_admin_cidrs(cfg)
     if cfg.pooler:
         _check_pooler(cfg)
     return cfg
+
+
+def _check_admin_cidrs(cfg: StackConfig) -> None:
+    """Where tern runs: the only sources of the poolers' admin console and of the replicas' hba line for
+    tern's client certificate (exported as the outputs' ``admin_cidrs``): network addresses, never the world."""
+    for cidr in cfg.admin_cidrs:
+        try:
+            network = ipaddress.ip_network(cidr)
+        except ValueError:
+            raise ValueError(f"{NAMESPACE}:admin_cidrs: {cidr!r} is not a network address "
+                             "(such as 10.0.4.0/24)") from None
+        if network.prefixlen == 0:
+            raise ValueError(f"{NAMESPACE}:admin_cidrs must not open the admin console to the world ({cidr}), "
+                             "nor the replicas to tern's certificate")
 
 
 def _check_pooler(cfg: StackConfig) -> None:
@@ -120,14 +146,6 @@ def _check_pooler(cfg: StackConfig) -> None:
     if not cfg.admin_cidrs:
         raise ValueError(f"{NAMESPACE}:admin_cidrs is required when {NAMESPACE}:pooler is on: the addresses tern runs "
                          "from, the only ones PgBouncer's admin console accepts")
-    for cidr in cfg.admin_cidrs:
-        try:
-            network = ipaddress.ip_network(cidr)
-        except ValueError:
-            raise ValueError(f"{NAMESPACE}:admin_cidrs: {cidr!r} is not a network address "
-                             "(such as 10.0.4.0/24)") from None
-        if network.prefixlen == 0:
-            raise ValueError(f"{NAMESPACE}:admin_cidrs must not open the admin console to the world ({cidr})")
     if cfg.pooler_admin_password is None:
         raise ValueError(f"stack config is missing {NAMESPACE}:pooler_admin_password (a secret: pulumi config set "
                          f"--secret {NAMESPACE}:pooler_admin_password ...), or set {NAMESPACE}:pooler false")
@@ -153,9 +171,12 @@ KEY_TYPES: dict[str, str] = {
     "heroku_app": "str", "database": "str", "rehearsal": "bool", "protect": "bool",
     "backup_retention_days": "int", "ami_id": "str", "tags": "object",
     "pooler": "bool", "pgbouncer_version": "str", "pooler_instance_type": "str", "admin_cidrs": "list",
+    "walg_sha256": "str", "walg_version": "str", "walg_url": "str",
 }
 OPTIONAL_KEYS = ("ami_id", "tags", "dms_source_replica", "backup_retention_days", "pooler", "pgbouncer_version",
-                 "pooler_instance_type")
+                 "pooler_instance_type", "walg_version", "walg_url")
+# required by `pulumi up` but not in the committed stack files: each operator sets it (README, "Real AWS, step by step")
+OPERATOR_KEYS = ("walg_sha256",)
 
 
 def _read(c: Any, key: str, kind: str) -> Any:

@@ -21,15 +21,18 @@ class NetworkArgs:
     app_source_security_groups: list[str] = field(default_factory=list)
     app_source_cidrs: list[str] = field(default_factory=list)
     pooler: bool = False
-    admin_cidrs: list[str] = field(default_factory=list)   # where tern runs: the pooler's admin console
+    admin_cidrs: list[str] = field(default_factory=list)   # where tern runs: the pooler's admin console, the replicas
     tags: dict[str, str] = field(default_factory=dict)
 
 
 class Network(pulumi.ComponentResource):
     """Three groups: ``replicas``, ``aurora``, ``dms``; with the pooler, ``pooler_lb`` and ``pooler`` too.
 
-    Replicas accept 5432 from each other (replication), from DMS and from the app sources;
-    Aurora from DMS, the replicas and the app sources. Egress is open (packages, S3, SSM).
+    Replicas accept 5432 from each other (replication), from DMS, from the app sources and from
+    ``admin_cidrs`` (tern's SQL over TLS with its client certificate);
+    Aurora from DMS, the replicas and the app sources. Egress is open (packages, S3, SSM); this
+    program creates no NAT gateway or VPC endpoint, so the VPC named by ``tern:vpc_id`` must route the
+    private subnets to what the hosts fetch and call (README: "Outbound access the private subnets need").
     Hosts are reached through SSM, so no rule opens port 22.
 
     With the pooler: its load balancer accepts 6432 from the app sources and sends only to the
@@ -84,6 +87,11 @@ class Network(pulumi.ComponentResource):
                                                  security_groups=[self.dms.id], description="DMS source endpoint"),
                 *from_pooler,
                 *app_rules,
+                # tern's SQL over TLS with its client certificate (runbook/client_tls.py), from where it runs
+                *([aws.ec2.SecurityGroupIngressArgs(protocol="tcp", from_port=PG_PORT, to_port=PG_PORT,
+                                                    cidr_blocks=args.admin_cidrs,
+                                                    description="tern: SQL over TLS with its client certificate")]
+                  if args.admin_cidrs else []),
             ],
             egress=egress, tags={**args.tags, "Name": f"{name}-replicas"}, opts=child)
         self.aurora = aws.ec2.SecurityGroup(

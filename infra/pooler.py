@@ -7,7 +7,10 @@ restart. What tern may touch on a node, as ``postgres`` through SSM Run Command 
 
 * ``/etc/pgbouncer/tern-databases.ini`` - ``%include``d by pgbouncer.ini; it starts with an empty
   ``[databases]`` section (the pooler serves nothing until tern names the leader);
-* ``/etc/pgbouncer/userlist.txt`` - the ``auth_file``, where tern adds the app role's SCRAM verifier.
+* ``/etc/pgbouncer/userlist.txt`` - the ``auth_file`` (``pooler.nodes[].auth_file``), where tern adds the
+  app role's SCRAM verifier, read on a restored replica (``runbook.pooler.ensure_app_auth``, hop 1's
+  ``pooler_auth`` step): sealed to a one-time key the node makes (``openssl``, installed below), so that
+  SSM's command history never holds it; the file is replaced atomically, 0600, ``postgres``'s.
 
 Both are owned by ``postgres``. ``/etc/pgbouncer`` is root's, group ``postgres``, mode 1770: ``postgres``
 may make a temporary file there and rename it over a file it owns (as the runbook's ``write_file`` does),

@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 import pulumi
 import pulumi_aws as aws
 
+from . import binaries
+
 USER_DATA = """#!/bin/bash
 # tern replica bootstrap: PostgreSQL {pg_major} (PGDG) and WAL-G, stopped and empty until `invoke restore`.
 set -euo pipefail
 apt-get update -q
 apt-get install -y -q curl ca-certificates gnupg daemontools xfsprogs awscli python3 openssl
-install -d /usr/share/postgresql-common/pgdg
-curl -fsSo /usr/share/postgresql-common/pgdg/apt.postgresql.org.asc https://www.postgresql.org/media/keys/ACCC4CF8.asc
+{pgdg_key}
 echo "deb [signed-by=/usr/share/postgresql-common/pgdg/apt.postgresql.org.asc] https://apt.postgresql.org/pub/repos/apt $(. /etc/os-release; echo $VERSION_CODENAME)-pgdg main" > /etc/apt/sources.list.d/pgdg.list
 apt-get update -q
 apt-get install -y -q postgresql-{pg_major} postgresql-contrib-{pg_major}
@@ -28,8 +29,7 @@ install -d -o postgres -g postgres /var/lib/postgresql/{pg_major}
 grep -q /var/lib/postgresql/{pg_major} /etc/fstab || echo "$dev /var/lib/postgresql/{pg_major} xfs defaults,noatime 0 2" >> /etc/fstab
 mount -a && chown postgres:postgres /var/lib/postgresql/{pg_major}
 # WAL-G reads Heroku's archive with the instance role
-curl -fsSL -o /tmp/wal-g.tar.gz https://github.com/wal-g/wal-g/releases/download/v3.0.5/wal-g-pg-ubuntu-22.04-amd64.tar.gz
-tar -xzf /tmp/wal-g.tar.gz -C /usr/local/bin && mv /usr/local/bin/wal-g-pg-ubuntu-22.04-amd64 /usr/local/bin/wal-g
+{walg}
 install -d -m 750 -o root -g postgres /etc/wal-g.env
 echo "s3://{bucket}/{prefix}" > /etc/wal-g.env/WALG_S3_PREFIX
 echo "{region}" > /etc/wal-g.env/AWS_REGION
@@ -56,6 +56,7 @@ SOCKET_DIR = "/var/run/postgresql"     # the outputs' replicas[].socket_dir
 COMMAND_OUTPUT_PREFIX = "tern/ssm"     # the outputs' replicas[].commands.output_prefix
 COMMAND_OUTPUT_DAYS = 7                # command output holds sampled rows: kept a week, then expired
 CONF_DIR = "/etc/tern/postgresql"      # certificate, key, pg_hba.conf and tls.conf; 0700 postgres
+WALG_ENV_DIR = "/etc/wal-g.env"         # WAL-G's settings, one file a variable (envdir): the outputs' archive.env_dir
 # The data directory is made at `invoke restore` (from Heroku's base backup), after this script has run:
 # the restore must start the server with these settings (hba_file, ssl, ssl_cert_file, ssl_key_file from
 # tls.conf) rather than its own pg_hba.conf, or they do not apply.
@@ -82,10 +83,14 @@ unix_socket_permissions = 0700
 """
 
 
-def render_user_data(*, pg_major: int, bucket: str, prefix: str, region: str) -> str:
-    """The instance's first-boot script (plain text; the launch template takes it base64-encoded)."""
+def render_user_data(*, pg_major: int, bucket: str, prefix: str, region: str, walg_sha256: str,
+                     walg_version: str = binaries.WALG_VERSION, walg_url: str | None = None) -> str:
+    """The instance's first-boot script (plain text; the launch template takes it base64-encoded).
+    What it downloads is pinned and verified before it is installed (:mod:`infra.binaries`)."""
+    walg = binaries.walg_install(version=walg_version, sha256=walg_sha256, url=walg_url).rstrip("\n")
     return USER_DATA.format(pg_major=pg_major, bucket=bucket, prefix=prefix.strip("/"), region=region,
-                            socket_dir=SOCKET_DIR, conf_dir=CONF_DIR, pg_hba=PG_HBA, tls_conf=TLS_CONF)
+                            socket_dir=SOCKET_DIR, conf_dir=CONF_DIR, pg_hba=PG_HBA, tls_conf=TLS_CONF,
+                            pgdg_key=binaries.pgdg_key_install().rstrip("\n"), walg=walg)
 
 
 @dataclass
@@ -105,6 +110,10 @@ class ReplicasArgs:
     replication_secret_arn: pulumi.Input[str] | None = None
     protect: bool = False
     tags: dict[str, str] = field(default_factory=dict)
+    # WAL-G, pinned (infra/binaries.py): the checksum has no default, so a stack without tern:walg_sha256 fails here
+    walg_sha256: str | None = None
+    walg_version: str = binaries.WALG_VERSION
+    walg_url: str | None = None
 
 
 class Replicas(pulumi.ComponentResource):
@@ -112,6 +121,10 @@ class Replicas(pulumi.ComponentResource):
     encrypted gp3 data volume, an instance profile for SSM and read access to the archive."""
 
     def __init__(self, name: str, args: ReplicasArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        if not args.walg_sha256:
+            raise ValueError("tern:walg_sha256 is not set: the SHA-256 of WAL-G's release tarball "
+                             f"({binaries.WALG_ASSET}.tar.gz, {args.walg_version}) is required, the replicas install "
+                             "nothing unverified (pulumi config set tern:walg_sha256 <64 hex digits> -s <stack>)")
         super().__init__("tern:infra:Replicas", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         stateful = pulumi.ResourceOptions(parent=self, protect=args.protect)
@@ -164,7 +177,8 @@ class Replicas(pulumi.ComponentResource):
             })), opts=child)
         self.profile = aws.iam.InstanceProfile(f"{name}-profile", role=self.role.name, opts=child)
         self.user_data = render_user_data(pg_major=args.pg_major, bucket=args.wal_archive_bucket, prefix=prefix,
-                                          region=args.region)
+                                          region=args.region, walg_sha256=args.walg_sha256,
+                                          walg_version=args.walg_version, walg_url=args.walg_url)
         self.launch_template = aws.ec2.LaunchTemplate(
             f"{name}-lt",
             image_id=args.ami_id, instance_type=args.instance_type,

@@ -19,8 +19,8 @@ from .config import StackConfig
 from .dms import Dms, DmsArgs
 from .heroku import HerokuApp, HerokuArgs
 from .network import POOLER_PORT, Network, NetworkArgs
-from .pooler import ADMIN_USER, DATABASES_FILE, Poolers, PoolersArgs
-from .replicas import COMMAND_OUTPUT_PREFIX, Replicas, ReplicasArgs
+from .pooler import ADMIN_USER, DATABASES_FILE, USERLIST_FILE, Poolers, PoolersArgs
+from .replicas import COMMAND_OUTPUT_PREFIX, WALG_ENV_DIR, Replicas, ReplicasArgs
 
 SCHEMA_VERSION = 1
 
@@ -59,7 +59,8 @@ def build(cfg: StackConfig, stack_name: str) -> Stack:
         instance_type=cfg.instance_type, ebs_size_gb=cfg.ebs_size_gb, ebs_iops=cfg.ebs_iops, pg_major=cfg.pg_major,
         ami_id=ami, region=cfg.region, wal_archive_bucket=cfg.wal_archive_bucket,
         wal_archive_prefix=cfg.wal_archive_prefix, replication_secret_arn=replication_secret.arn,
-        protect=cfg.protect, tags=tags))
+        protect=cfg.protect, tags=tags, walg_sha256=cfg.walg_sha256, walg_version=cfg.walg_version,
+        walg_url=cfg.walg_url))
     aurora = Aurora("tern-aurora", AuroraArgs(
         engine_version=cfg.aurora_engine_version, instance_class=cfg.aurora_instance_class,
         instance_count=cfg.aurora_instance_count, zones=cfg.zones, subnet_ids=subnets,
@@ -116,7 +117,7 @@ def build(cfg: StackConfig, stack_name: str) -> Stack:
         "region": cfg.region,
         "source": {"heroku_app": cfg.heroku_app, "database_url_var": "DATABASE_URL", "pg_major": cfg.pg_major,
                    "archive": {"kind": "s3", "location": f"s3://{cfg.wal_archive_bucket}/{cfg.wal_archive_prefix.strip('/')}",
-                               "base_backup": "LATEST"}},
+                               "base_backup": "LATEST", "env_dir": WALG_ENV_DIR}},
         "app": {"kind": "heroku", "name": cfg.heroku_app, "api_key": "env:HEROKU_API_KEY"},
         "replicas": [
             {"name": name, "availability_zone": zone, "host": inst.private_ip, "port": 5432, "database": cfg.database,
@@ -136,6 +137,8 @@ def build(cfg: StackConfig, stack_name: str) -> Stack:
                 "source_endpoint_arn": dms.source.endpoint_arn, "target_endpoint_arn": dms.target.endpoint_arn},
         "credentials": {"replication_password": replication_secret.arn.apply(
             lambda arn: f"aws-secretsmanager:{arn}#password")},
+        # where tern runs: restore admits tern's client certificate on the replicas from these only
+        "admin_cidrs": list(cfg.admin_cidrs),
     }
     if pooler is not None and pooler_admin_secret is not None:
         # the app's one endpoint (the NLB) and, per node, what tern needs to PAUSE, repoint and RESUME it
@@ -147,7 +150,7 @@ def build(cfg: StackConfig, stack_name: str) -> Stack:
                 {"name": name, "availability_zone": zone, "admin_host": inst.private_ip, "admin_port": POOLER_PORT,
                  "commands": {"kind": "ssm", "instance_id": inst.id, "region": cfg.region, "os_user": "postgres",
                               "output_bucket": replicas.command_output.bucket, "output_prefix": COMMAND_OUTPUT_PREFIX},
-                 "databases_file": DATABASES_FILE}
+                 "databases_file": DATABASES_FILE, "auth_file": USERLIST_FILE}
                 for name, zone, inst in zip(pooler.names, pooler.zones, pooler.instances)],
         }
     return Stack(network, replicas, aurora, dms, heroku_app, replication_secret, outputs,

@@ -41,6 +41,12 @@ def _check_ref(value: str) -> str:
     return value
 
 
+def _check_cidr(value: str) -> str:
+    from .client_tls import check_cidrs
+
+    return check_cidrs([value])[0]
+
+
 CredentialRef = Annotated[str, AfterValidator(_check_ref)]
 Name = Annotated[str, Field(min_length=1, pattern=r"^[a-z][a-z0-9-]*$")]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -70,11 +76,15 @@ class CommandChannel(_Model):
 
 
 class Archive(_Model):
-    """Where the source's base backups and WAL segments are (Heroku's S3 bucket, WAL-G layout)."""
+    """Where the source's base backups and WAL segments are (Heroku's S3 bucket, WAL-G layout).
+
+    ``env_dir`` (s3): the directory ``envdir`` reads WAL-G's settings from on every replica (one file a
+    variable: ``WALG_S3_PREFIX``, ``AWS_REGION``, ...), which the instances' user data writes."""
 
     kind: Literal["directory", "s3"]
     location: str = Field(min_length=1)
     base_backup: str = "LATEST"
+    env_dir: str = Field(default="/etc/wal-g.env", min_length=1)
 
 
 class Source(_Model):
@@ -183,7 +193,11 @@ class Credentials(_Model):
 
 class PoolerNode(_Model):
     """One PgBouncer process: where tern reaches its admin console, and how it rewrites the file that
-    names the database behind it (``databases_file``, ``%include``d by pgbouncer.ini, then ``RELOAD``)."""
+    names the database behind it (``databases_file``, ``%include``d by pgbouncer.ini, then ``RELOAD``).
+
+    ``auth_file``: PgBouncer's auth_file, where tern adds the app role's SCRAM verifier (read on a restored
+    replica) before the app moves onto the pooler; None: tern does not write it, it must already admit the
+    app's role."""
 
     name: Name
     availability_zone: str | None = None
@@ -191,6 +205,7 @@ class PoolerNode(_Model):
     admin_port: Port = 6432
     commands: CommandChannel
     databases_file: str = Field(min_length=1)
+    auth_file: str | None = Field(default=None, min_length=1)
 
 
 class Pooler(_Model):
@@ -231,6 +246,10 @@ class Outputs(_Model):
     dms: Dms | None = None
     pooler: Pooler | None = None
     credentials: Credentials
+    # where tern runs (``tern:admin_cidrs``; loopback in the sandbox): the only networks a replica admits
+    # tern's client certificate from (runbook/client_tls.py). Empty: no replica trusts it (SQL goes through
+    # the hosts' commands)
+    admin_cidrs: list[Annotated[str, AfterValidator(_check_cidr)]] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _unique_replicas(self) -> "Outputs":

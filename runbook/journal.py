@@ -8,6 +8,7 @@ never holds a secret (values are redacted before they are written).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -17,6 +18,22 @@ from typing import Any
 
 from .errors import PreflightError
 from .redact import redact_data
+
+
+def _append_line(fd: int, data: bytes) -> None:
+    """Append one whole line, or nothing (OSError).
+
+    A full disk can cut a write short instead of failing it (the file grows into the free end of its last
+    block): the part written is taken back and ENOSPC raised, so the file never holds a record the runner
+    believes written but a reader skips. A line a crash left unfinished is ended first, so the next record
+    is not glued onto it."""
+    size = os.fstat(fd).st_size
+    if size and os.pread(fd, 1, size - 1) != b"\n":
+        data = b"\n" + data
+    written = os.write(fd, data)
+    if written != len(data):
+        os.ftruncate(fd, size)
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a journal record was cut short)")
 
 
 class RunLock:
@@ -92,9 +109,18 @@ class Journal:
 
     @classmethod
     def create(cls, state_dir: Path, kind: str, **context: Any) -> "Journal":
-        run_id = f"{kind}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
-        run_dir = Path(state_dir) / "runs" / run_id
-        run_dir.mkdir(parents=True, exist_ok=True)
+        base = f"{kind}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
+        (Path(state_dir) / "runs").mkdir(parents=True, exist_ok=True)
+        # a second run of the same kind in the same second and process gets its own directory (never the
+        # first one's journal, whose finished steps it would skip)
+        for n in range(1, 1000):
+            run_id = base if n == 1 else f"{base}.{n}"
+            run_dir = Path(state_dir) / "runs" / run_id
+            try:
+                run_dir.mkdir()
+                break
+            except FileExistsError:
+                continue
         j = cls(run_dir / "journal.jsonl", run_id, kind)
         j.record("run", "created", kind=kind, context=context)
         pointer = Path(state_dir) / "runs" / f"current-{kind}"
@@ -115,9 +141,9 @@ class Journal:
         entry = {"ts": time.time(), "step": step, "event": event}
         entry.update(data)
         line = json.dumps(redact_data(entry), sort_keys=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            os.write(fd, (line + "\n").encode())
+            _append_line(fd, (line + "\n").encode())
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -26,6 +27,8 @@ from psycopg import sql as _sql
 
 from .adapters import HostCommands
 from .errors import CommandError, DatabaseError, TimeoutExpired
+
+log = logging.getLogger(__name__)
 
 MARKER = "tern.json"  # beside the data directory: what tern knows about this node
 TLS_RETRY_SECONDS = 30.0   # after SQL over TLS could not connect: through the host for this long
@@ -106,14 +109,18 @@ class PgHost:
 
     @property
     def over_tls(self) -> bool:
-        """SQL goes over TLS with tern's certificate (not through the host's commands)."""
-        return self.client is not None and self.tcp_host is not None and not self.host.local_socket
+        """SQL goes over TLS with tern's certificate (not through the host's commands); only to a server
+        whose certificate tern can verify (it read it at restore: :func:`runbook.client_tls.pin_server`)."""
+        return (self.client is not None and self.tcp_host is not None and not self.host.local_socket
+                and self.client.server_ca(self.host.name) is not None)
 
     def sql_url(self, database: str | None = None) -> str | None:
-        """A libpq URL for the superuser over TLS with tern's certificate, where there is one."""
+        """A libpq URL for the superuser over TLS with tern's certificate, where there is one; the
+        server's certificate verified."""
         if not self.over_tls:
             return None
-        return self.client.conninfo(self.tcp_host, self.port, database or self.database, "tern:superuser")
+        return self.client.conninfo(self.tcp_host, self.port, database or self.database, "tern:superuser",
+                                    server=self.host.name)
 
     def psql(self, statement: str, *, database: str | None = None, timeout: float = 30) -> str:
         """Run SQL as the database superuser over the host's socket; the SQL goes through stdin,
@@ -147,6 +154,9 @@ class PgHost:
         except OSError:
             return None
         if res.returncode == 2 and res.stderr.lstrip().startswith("psql: error: connection to server"):
+            if "certificate" in res.stderr:   # not the server tern read at restore: say so, never go on over TLS
+                log.warning("%s: its TLS certificate did not verify; SQL goes through the host's commands "
+                            "(%s)", self.host.name, res.stderr.strip().splitlines()[-1][-200:])
             self._tls_down_until = time.monotonic() + TLS_RETRY_SECONDS
             return None
         if res.returncode != 0:
@@ -156,6 +166,21 @@ class PgHost:
     def query(self, select: str, *, database: str | None = None, timeout: float = 30) -> list[dict[str, Any]]:
         out = self.psql(f"SELECT coalesce(json_agg(t), '[]'::json) FROM ({select}) t", database=database,
                         timeout=timeout)
+        return json.loads(out.strip() or "[]")
+
+    def query_private(self, select: str, *, database: str | None = None, timeout: float = 30) -> list[dict[str, Any]]:
+        """As :meth:`query`, for a result that must not travel through a command channel that keeps what it
+        carries (SSM keeps every command's output): over the server's socket where tern reaches it (the
+        sandbox), else over TLS with tern's certificate only - never through the host. DatabaseError when
+        neither is possible."""
+        if self.host.local_socket:
+            return self.query(select, database=database, timeout=timeout)
+        wrapped = f"SELECT coalesce(json_agg(t), '[]'::json) FROM ({select}) t"
+        out = self._psql_tls(wrapped, database, timeout) if self.over_tls else None
+        if out is None:
+            raise DatabaseError(f"{self.host.name}: cannot reach the server over TLS with tern's client certificate "
+                                "(restore makes it), and this result may not go through the host's command channel, "
+                                "which keeps what it carries")
         return json.loads(out.strip() or "[]")
 
     def query_one(self, select: str, **kw: Any) -> dict[str, Any]:

@@ -11,8 +11,10 @@ trusts the local socket only for the database superuser, in a socket directory t
 and owned by the server's OS user. On AWS the certificate and key are the ones the instance's
 user data made (``infra/replicas.py``: :data:`AWS_TLS_DIR`); in the sandbox (and any other
 ``local`` host) restore makes a self-signed one per replica, in ``<data_dir>.tls``. The
-certificates are self-signed: clients use ``sslmode=require`` (:func:`tls_url`), which
-encrypts but does not authenticate the server.
+certificates are self-signed: the app uses ``sslmode=require`` (:func:`tls_url`), which
+encrypts but does not authenticate the server; tern itself reads each replica's certificate
+through the host's command channel and verifies the replica against it
+(:func:`pin_server_certificate`, :mod:`.client_tls`).
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from . import archive as archive_mod
-from . import client_tls
+from . import client_tls, measure
 from .adapters import HostCommands, app_for, host_for
 from .contract import Outputs, Replica
 from .errors import PreflightError, RunbookError
@@ -39,6 +42,7 @@ from .status import replica_host, source_url
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]   # (replica, done bytes, total bytes)
+T = TypeVar("T")
 
 
 # AWS: where infra/replicas.py's user data puts the certificate, its key and the hba (its CONF_DIR)
@@ -104,15 +108,16 @@ def _hba_name(name: str) -> str:
     return name if re.fullmatch(r"[A-Za-z0-9_]+", name) else '"' + name.replace('"', '""') + '"'
 
 
-def hba_conf(superuser: str, client_cert: bool = False) -> str:
+def hba_conf(superuser: str, client_cert: bool = False, admin_cidrs: Sequence[str] = ()) -> str:
     """TCP only over TLS with SCRAM (replication too); the socket trusts only the superuser, and
     its directory is 0700, owned by the server's OS user: nobody else on the host reaches it.
-    ``client_cert``: the superuser comes in over TLS with tern's certificate only (:mod:`.client_tls`)."""
+    ``client_cert``: the superuser comes in over TLS with tern's certificate only (:mod:`.client_tls`),
+    only from ``admin_cidrs`` (where tern runs)."""
     su = _hba_name(superuser)
     return ("# tern restore: TCP only over TLS with SCRAM; the unix socket's directory is 0700 (server OS user only)\n"
             f"local    all          {su}    trust\n"
             f"local    replication  {su}    trust\n"
-            + (client_tls.hba_lines(su) if client_cert else "")
+            + (client_tls.hba_lines(su, admin_cidrs) if client_cert else "")
             + "hostssl  all          all    0.0.0.0/0   scram-sha-256\n"
             "hostssl  replication  all    0.0.0.0/0   scram-sha-256\n"
             "hostssl  all          all    ::/0        scram-sha-256\n"
@@ -126,7 +131,8 @@ HBA = hba_conf("postgres")
 
 def tls_url(url: str) -> str:
     """``url`` with ``sslmode=require``: a replica refuses TCP without TLS. Its certificate is
-    self-signed, so nothing can verify it: any sslmode/sslrootcert of the source's URL is replaced."""
+    self-signed, so the app cannot verify it (tern does: :func:`.client_tls.verified_url`): any
+    sslmode/sslrootcert of the source's URL is replaced."""
     parts = urlsplit(url)
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in ("sslmode", "sslrootcert")]
     query.append(("sslmode", "require"))
@@ -213,7 +219,7 @@ def client_ca_path(replica: Replica) -> str:
 
 
 def prepare_tls(replica: Replica, host: HostCommands, superuser: str,
-                client: client_tls.ClientCert | None = None) -> str:
+                client: client_tls.ClientCert | None = None, admin_cidrs: Sequence[str] = ()) -> str:
     """Everything :func:`standby_settings` points at, outside the data directory: the 0700 socket
     directory, the certificate and key, the TLS-only hba (and tern's client certificate, when given).
     Returns what became of the certificate."""
@@ -221,15 +227,17 @@ def prepare_tls(replica: Replica, host: HostCommands, superuser: str,
     certificate = ensure_certificate(replica, host)
     if client is not None:
         host.write_file(client_ca_path(replica), client.pem)
-    host.write_file(tls_paths(replica).hba, hba_conf(superuser, client_cert=client is not None))
+    host.write_file(tls_paths(replica).hba, hba_conf(superuser, client_cert=client is not None,
+                                                     admin_cidrs=admin_cidrs))
     return certificate
 
 
-def install_client_cert(pg: PgHost, replica: Replica, superuser: str, client: client_tls.ClientCert) -> None:
-    """On a replica restored and running: trust tern's client certificate for the superuser (hba line,
-    ``ssl_ca_file``), reloaded - idempotent, and nothing else changes."""
+def install_client_cert(pg: PgHost, replica: Replica, superuser: str, client: client_tls.ClientCert,
+                        admin_cidrs: Sequence[str] = ()) -> None:
+    """On a replica restored and running: trust tern's client certificate for the superuser from
+    ``admin_cidrs`` (hba lines, ``ssl_ca_file``), reloaded - idempotent, and nothing else changes."""
     pg.host.write_file(client_ca_path(replica), client.pem)
-    pg.host.write_file(tls_paths(replica).hba, hba_conf(superuser, client_cert=True))
+    pg.host.write_file(tls_paths(replica).hba, hba_conf(superuser, client_cert=True, admin_cidrs=admin_cidrs))
     pg.psql(f"ALTER SYSTEM SET ssl_ca_file = {literal(client_ca_path(replica))};\nSELECT pg_reload_conf();")
 
 
@@ -244,9 +252,11 @@ def source_identity(outputs: Outputs, timeout: float) -> dict[str, object]:
 
 
 def restore_replica(outputs: Outputs, replica: Replica, *, timeout: float, identity: dict[str, object],
-                    progress: Progress | None = None, client: client_tls.ClientCert | None = None) -> str:
+                    progress: Progress | None = None, client: client_tls.ClientCert | None = None,
+                    backup: archive_mod.BaseBackup | None = None) -> str:
     """Restore one replica; returns what was done (restored / started / already running).
-    ``client``: tern's client certificate, trusted for the superuser over TLS (:mod:`.client_tls`)."""
+    ``client``: tern's client certificate, trusted for the superuser over TLS (:mod:`.client_tls`).
+    ``backup``: the base backup found for it already (LATEST resolved), else looked up here."""
     pg = replica_host(replica)
     marker = pg.read_marker()
     if marker.get("restored_from") and pg.has_data():
@@ -255,10 +265,11 @@ def restore_replica(outputs: Outputs, replica: Replica, *, timeout: float, ident
             pg.start(timeout=60)
             what = "restored earlier; started"
         if client is not None:
-            install_client_cert(pg, replica, str(marker.get("superuser") or identity["superuser"]), client)
+            install_client_cert(pg, replica, str(marker.get("superuser") or identity["superuser"]), client,
+                                outputs.admin_cidrs)
         return what
     host = pg.host
-    backup = archive_mod.find_base_backup(outputs.source.archive, host)
+    backup = backup or archive_mod.find_base_backup(outputs.source.archive, host)
     server_major = parse_major(host.run([f"{replica.bin_dir}/postgres", "--version"], timeout=30).stdout)
     if backup.pg_major != outputs.source.pg_major or server_major != backup.pg_major:
         raise PreflightError(f"{replica.name}: PostgreSQL major versions differ: source {outputs.source.pg_major}, "
@@ -271,7 +282,7 @@ def restore_replica(outputs: Outputs, replica: Replica, *, timeout: float, ident
     pg.stop(mode="immediate", timeout=30) if pg.has_data() and pg.is_running() else None
     host.run(["rm", "-rf", replica.data_dir], timeout=300)
     host.run(["mkdir", "-p", "-m", "700", replica.data_dir], timeout=30)
-    certificate = prepare_tls(replica, host, str(identity["superuser"]), client)
+    certificate = prepare_tls(replica, host, str(identity["superuser"]), client, outputs.admin_cidrs)
     _fetch(pg, outputs, backup, progress, timeout)
     host.write_file(f"{replica.data_dir}/postgresql.auto.conf",
                     _conf_lines(standby_settings(replica, archive_mod.restore_command(outputs.source.archive),
@@ -322,11 +333,56 @@ def restore_all(outputs: Outputs, *, timeout: float, connect_timeout: float,
     certificate (made there once, trusted by every replica: :mod:`.client_tls`); None: no certificate."""
     # check every replica's preconditions before touching any
     identity = source_identity(outputs, connect_timeout)
-    for r in outputs.replicas:
+
+    backups: dict[str, archive_mod.BaseBackup] = {}     # what each replica checked is what it restores
+
+    def preflight(r: Replica) -> None:
         pg = replica_host(r)
         if not (pg.read_marker().get("restored_from") and pg.has_data()):
-            archive_mod.find_base_backup(outputs.source.archive, host_for(r))
+            backups[r.name] = archive_mod.find_base_backup(outputs.source.archive, host_for(r))
             check_tls_files(r, pg.host)
-    client = client_tls.ensure(state_dir, str(identity["superuser"])) if state_dir is not None else None
-    return {r.name: restore_replica(outputs, r, timeout=timeout, identity=identity, progress=progress, client=client)
-            for r in outputs.replicas}
+
+    each_replica(outputs.replicas, preflight)
+    # the certificate only where the outputs say where tern runs (admin_cidrs): never from anywhere
+    client = client_tls.ensure(state_dir, str(identity["superuser"])) \
+        if state_dir is not None and outputs.admin_cidrs else None
+    if state_dir is not None and not outputs.admin_cidrs:
+        log.info("the outputs name no admin_cidrs: the replicas do not trust tern's client certificate "
+                 "(its SQL goes through the hosts' commands)")
+
+    def restore(r: Replica) -> dict[str, str]:
+        # restore and replay throughput, for `invoke estimate`: one meter a replica, as they restore at once
+        meter = measure.RestoreMeter(state_dir, progress)
+        done = meter.finish({r.name: restore_replica(outputs, r, timeout=timeout, identity=identity,
+                                                     progress=meter.start(r), client=client,
+                                                     backup=backups.get(r.name))})
+        if state_dir is not None:
+            pin_server_certificate(r, host_for(r), state_dir)
+        return done
+
+    results: dict[str, str] = {}
+    for done in each_replica(outputs.replicas, restore):
+        results.update(done)
+    return results
+
+
+def each_replica(replicas: Sequence[Replica], fn: Callable[[Replica], T]) -> list[T]:
+    """``fn`` on every replica at the same time; the results in the replicas' order. The replicas are
+    independent (each fetches the base backup from the archive itself: hours each on the real night, and
+    every step over SSM a round trip of seconds), so one failing does not stop the others: once all have
+    ended, the first error in the replicas' order is raised (a rerun redoes only what is not done)."""
+    if len(replicas) <= 1:
+        return [fn(r) for r in replicas]
+    with ThreadPoolExecutor(max_workers=len(replicas), thread_name_prefix="tern-restore") as pool:
+        futures = [pool.submit(fn, r) for r in replicas]
+    for f in futures:
+        if f.exception() is not None:
+            raise f.exception()
+    return [f.result() for f in futures]
+
+
+def pin_server_certificate(replica: Replica, host: HostCommands, state_dir: Path, *, timeout: float = 30.0) -> Path:
+    """The replica's own certificate, read through its command channel (SSM: authenticated by AWS; the
+    sandbox: this machine) and kept as the one root tern trusts for it (:func:`.client_tls.pin_server`)."""
+    return client_tls.pin_server(state_dir, replica.name,
+                                 host.read_file(tls_paths(replica).cert, timeout=timeout) or "")

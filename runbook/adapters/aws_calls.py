@@ -24,6 +24,7 @@ runbook.errors.RunbookError: SSM GetCommandInvocation: ThrottlingException: Rate
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, Callable, Collection
 
@@ -92,6 +93,9 @@ def aws_call(fn: Callable[..., Any], /, *, what: str, retry_on: Callable[[BaseEx
         raise error(f"{what}: {redact(exc)}{gave_up}") from None
 
 
+_CLIENTS = threading.Lock()
+
+
 def client(service: str, region: str | None):
     """A boto3 client with botocore's retries off (the caller retries, see :func:`aws_call`).
     The endpoint comes from the usual places (``AWS_ENDPOINT_URL_<SERVICE>``: how a rehearsal points
@@ -100,7 +104,8 @@ def client(service: str, region: str | None):
     from botocore.config import Config
 
     try:
-        return boto3.client(service, region_name=region,
-                            config=Config(retries={"mode": "standard", "total_max_attempts": 1}))
+        with _CLIENTS:   # boto3's default session is not thread-safe while it makes a client (use is)
+            return boto3.client(service, region_name=region,
+                                config=Config(retries={"mode": "standard", "total_max_attempts": 1}))
     except BotoCoreError as exc:        # e.g. NoRegionError: the outputs name no region and neither does AWS config
         raise ConfigError(f"cannot make an AWS {service} client: {redact(exc)}") from None

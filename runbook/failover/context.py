@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 from contextlib import contextmanager
 
@@ -17,9 +19,11 @@ from ..postgres import PgHost
 from ..settings import Settings
 from ..status import replica_host, source_url
 from ..steps import Runner
-from ..errors import DatabaseError
+from ..errors import ConfigError, DatabaseError, RunbookError
 from .state import RunState
 from .fence import BYPASS_READ_ONLY as BYPASS_FENCE, TOO_MANY, SourceSessions, maintenance_connection
+
+log = logging.getLogger(__name__)
 
 # tern's sessions held on the source through the fence: control + the verification's (coordinator, workers)
 HELD_SESSIONS = 4
@@ -95,16 +99,47 @@ class Context:
         if name not in self._hosts:
             replica = self.replica(name)
             pg = replica_host(replica)
-            # SQL over TLS with tern's certificate where the host has no socket tern reaches (SSM)
+            # SQL over TLS with tern's certificate where the host has no socket tern reaches (SSM), the
+            # replica's own certificate verified (read at restore, or now through the host when missing)
             pg.client, pg.tcp_host = client_tls.existing(self.settings.state_dir), replica.host
+            self.server_ca(name, pg.host)   # here, before any window: one host command when missing
             self._hosts[name] = pg
         return self._hosts[name]
 
+    def server_ca(self, name: str, host: Any = None) -> Path | None:
+        """The replica's own certificate as tern keeps it (read through its command channel when tern has
+        not yet); None when it cannot be read now (then nothing connects to it over TLS as tern's superuser)."""
+        from ..adapters import host_for
+        from ..restore import pin_server_certificate
+
+        state_dir = self.settings.state_dir
+        if state_dir is None:
+            return None
+        path = client_tls.server_ca(state_dir, name)
+        if path is not None:
+            return path
+        try:
+            return pin_server_certificate(self.replica(name), host or host_for(self.replica(name)), state_dir,
+                                          timeout=10.0)
+        except RunbookError as exc:
+            log.warning("%s: cannot read its TLS certificate to verify it (%s)", name, exc)
+            return None
+
     def replica_url(self, name: str) -> str:
-        """The app's own URL (role, password, database) pointed at a replica."""
+        """The app's own URL (role, password, database) pointed at a replica: what the app is given (it
+        cannot verify the replica's self-signed certificate: ``sslmode=require``)."""
         from ..restore import replica_url
 
         return replica_url(self.source_url(), self.replica(name))   # over TLS: replicas refuse plain TCP
+
+    def tern_replica_url(self, name: str) -> str:
+        """The same, for tern's own sessions: the replica's certificate verified against the one tern read
+        from it (``sslmode=verify-ca``); refused when tern cannot read it."""
+        ca = self.server_ca(name)
+        if ca is None:
+            raise ConfigError(f"{name}: tern cannot verify its TLS certificate (run restore again: it reads "
+                              "each replica's certificate)")
+        return client_tls.verified_url(self.replica_url(name), ca)
 
     def say(self, message: str) -> None:
         if self.progress:

@@ -39,6 +39,7 @@ import psycopg
 from ..adapters.snapshots import snapshots_for
 from ..errors import (DatabaseError, NotPromoted, PreflightError, RunbookError, StepError, TimeoutExpired,
                       VerificationError)
+from ..measure import record_lag
 from ..polling import wait_until
 from ..pg import connect, lsn_to_int, replay_target, url_endpoint, url_user
 from ..postgres import literal
@@ -281,6 +282,7 @@ def flush(ctx: Context) -> dict[str, Any]:
         candidate = ctx.data["candidate"]
         try:
             lsn = replayed(ctx, candidate)
+            record_lag(ctx.journal, candidate, None if lsn is None else replay_target(final_lsn) - lsn)   # review
             if lsn is not None and lsn >= replay_target(final_lsn):
                 break
         except RunbookError as exc:
@@ -476,8 +478,14 @@ def promote(ctx: Context) -> dict[str, Any]:
     previous = int(ctx.data.get("source_connection_limit", -1))
     pg.psql("SET default_transaction_read_only = off;\n"
             + "".join(st.as_string(None) + ";\n" for st in fence_mod.lift_statements(db, role, previous)))
+    # the moment the new leader took writes (reports, windows): journaled at once, and a resumed promote keeps
+    # the first one (only a crash between the lift and this line loses it: the resumed run's moment is then used)
+    promoted_at = ctx.data.promoted_at
+    if promoted_at is None:
+        promoted_at = time.time()
+        ctx.checkpoint(promoted_at=promoted_at)
     timeline = pg.query_one(f"SELECT {TIMELINE_SQL} AS timeline_id")["timeline_id"]
-    return {"new_leader": name, "leader_timeline": timeline, "promoted_at": time.time(), "final_proof": proof,
+    return {"new_leader": name, "leader_timeline": timeline, "promoted_at": promoted_at, "final_proof": proof,
             "detail": f"{name} leads on timeline {timeline} ({proof})"}
 
 
@@ -508,7 +516,7 @@ def verify_promoted(ctx: Context) -> None:
         raise StepError(f"{name} is still in recovery")
     if row["tl"] <= ctx.data["source_timeline"]:
         raise StepError(f"{name} is on timeline {row['tl']}, not past the source's {ctx.data['source_timeline']}")
-    with connect(ctx.replica_url(name), purpose="promote-check", timeout=ctx.settings.connect_timeout) as conn:
+    with connect(ctx.tern_replica_url(name), purpose="promote-check", timeout=ctx.settings.connect_timeout) as conn:
         if conn.execute("SHOW default_transaction_read_only").fetchone()[0] != "off":
             raise StepError(f"{name} is still read-only for the app role")
         conn.execute("SELECT txid_current()")
@@ -559,9 +567,10 @@ def plan(mode: str = "url") -> list[Step]:
     """The steps; ``mode`` pooler moves the app through PgBouncer (:mod:`.pooler_switch`), url by DATABASE_URL."""
     pooled = mode == "pooler"
     if pooled:
-        into_pooler = [Step("pooler_in", "the app's DATABASE_URL -> the pooler, pointing at the source (one restart, "
+        into_pooler = [pooler_switch.auth_step(),
+                       Step("pooler_in", "the app's DATABASE_URL -> the pooler, pointing at the source (one restart, "
                                          "outside the window)", pooler_switch.pooler_in,
-                            check=pooler_switch.app_on_pooler, revert=pooler_switch.pooler_out,
+                            check=pooler_switch.pooler_in_done, revert=pooler_switch.pooler_out,
                             revert_hint="the app's DATABASE_URL names the pooler (pointing at the source): set it back "
                                         "to the source's URL if you do not want it there")]
         freeze = pooler_switch.pause_step()

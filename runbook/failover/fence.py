@@ -110,13 +110,17 @@ def _alive(conn: psycopg.Connection) -> bool:
 
 
 def maintenance_connection(url: str, *, timeout: float, purpose: str):
-    """A session of the same role on another database of the source (not subject to the fence)."""
+    """A session of the same role on another database of the source (not subject to the fence).
+
+    It bypasses the read-only default the fence puts on the role (``ALTER ROLE ... SET``, which follows
+    the role into every database): lifting the fence from here is an ``ALTER DATABASE``."""
     last: Exception | None = None
     for db in MAINTENANCE_DATABASES:
         target = url.split("?", 1)
         base = target[0].rsplit("/", 1)[0] + "/" + db
         try:
-            return connect(base + ("?" + target[1] if len(target) > 1 else ""), purpose=purpose, timeout=timeout)
+            return connect(base + ("?" + target[1] if len(target) > 1 else ""), purpose=purpose, timeout=timeout,
+                           options=BYPASS_READ_ONLY)
         except RunbookError as exc:
             last = exc
     raise DatabaseError(f"cannot reach the source from another database ({', '.join(MAINTENANCE_DATABASES)}): {last}")

@@ -88,8 +88,9 @@ def read_url(ctx: Context, name: str) -> str:
     """How to read a held standby: as its superuser - a standby carries its primary's fence (a connection
     limit of tern's own sessions there) and hop 1's seal (none at all), which bind every other role - over
     the local socket where tern can, else over TLS with tern's client certificate
-    (:mod:`runbook.client_tls`). Neither: the app's role over TLS, which the fence may refuse."""
+    (:mod:`runbook.client_tls`). Neither: the app's role over TLS, which the fence may refuse; the replica's
+    certificate verified either way."""
     pg = ctx.pg(name)
     if pg.host.local_socket:
         return f"postgresql://{pg._user()}@/{ctx.replica(name).database}?host={pg.socket_dir}&port={pg.port}"
-    return pg.sql_url(ctx.replica(name).database) or ctx.replica_url(name)
+    return pg.sql_url(ctx.replica(name).database) or ctx.tern_replica_url(name)

@@ -3,8 +3,11 @@
 Which mode a run uses is decided when it is created and journaled (``switch_mode``): ``pooler`` when
 asked, or by default when the outputs declare a pooler; ``url`` otherwise. A resumed run keeps its mode.
 
-In pooler mode the plans replace three steps:
+In pooler mode the plans replace three steps, and hop 1 adds one:
 
+* ``pooler_auth`` (hop 1, before the window): every node serves the source and admits the app's role -
+  its SCRAM verifier, read in a restored replica's ``pg_authid``, written into each node's auth_file that
+  refuses the role, then ``RELOAD`` (:func:`runbook.pooler.ensure_app_auth`); reverted on a fallback.
 * ``pooler_in`` (hop 1, before the window): the pooler points at the source, then the app's
   ``DATABASE_URL`` names the pooler - the one config-var change of the migration, one dyno restart,
   at a time the operator chooses (nothing is frozen yet). Already there: nothing to do.
@@ -12,6 +15,9 @@ In pooler mode the plans replace three steps:
   transaction still running then is named, the pause undone, and the failover falls back. Clients
   are held, not refused: no error reaches them, only latency.
 * ``switch``: every node's databases file names the new target, ``RELOAD``, ``RESUME``.
+
+Whether a step is done is judged on every node, by what its running PgBouncer serves (never by its file,
+never by the first node alone).
 
 Everything between - the fence, catch-up, checks, promotion - is the same as in ``url`` mode, and the
 fence still refuses a client that reaches the old database directly.
@@ -24,7 +30,7 @@ from typing import Any
 
 from .. import pooler as pooler_mod
 from ..errors import ConfigError, PreflightError, RunbookError
-from ..pg import url_endpoint
+from ..pg import url_endpoint, url_user
 from ..settings import Settings
 from ..contract import Outputs
 from .context import Context
@@ -64,36 +70,140 @@ def endpoint(ctx: Context) -> str:
 
 def check(ctx: Context) -> str:
     """Preflight: every node's admin console answers with tern's password (a wrong one: refused, nothing
-    changed)."""
+    changed); when the app already writes through the pooler, every node serves the same database (the
+    load balancer sends the app to any of them: a node serving another one is refused, naming it)."""
     p = ctx.outputs.pooler
     try:
         for admin in pooler_mod.admins(p, ctx.settings.connect_timeout):
             admin.check()
+        serves = pooler_mod.current_target(p, timeout=ctx.settings.connect_timeout) if app_on_pooler(ctx) else None
     except RunbookError as exc:
         raise PreflightError(f"the pooler cannot be driven: {exc}") from None
-    return f"pooler: {len(p.nodes)} node(s) answer on their admin console"
+    return f"pooler: {len(p.nodes)} node(s) answer on their admin console" + (f", all serve {serves}" if serves else "")
 
 
 # -- hop 1, before the window ---------------------------------------------------------------------
 def app_on_pooler(ctx: Context) -> bool:
+    """The app's URL names the pooler (what its nodes serve is :func:`pooler_in_done`'s concern)."""
     url = ctx.app.config_var(ctx.outputs.source.database_url_var)
     return pooler_mod.points_at_pooler(ctx.outputs.pooler, url)
+
+
+def _source_for_pooler(ctx: Context) -> str:
+    source = ctx.source_url()
+    if pooler_mod.points_at_pooler(ctx.outputs.pooler, source):
+        raise PreflightError(f"the app already writes through the pooler but tern does not know the source's own URL: "
+                             f"set {SOURCE_URL_VAR} to it (tern's sessions must reach the source directly)")
+    return source
+
+
+def _point_at_source(ctx: Context, source: str) -> list[str]:
+    """Every node serves the source. When the app already writes through the pooler, only a node that serves
+    nothing yet (a new instance) is pointed; one serving another database is refused: the app's writes
+    through it went there, and tern cannot tell what they were."""
+    p = ctx.outputs.pooler
+    target = pooler_mod.Target.of_url(source)
+    if app_on_pooler(ctx):
+        elsewhere = [f"{n.name} -> {t}" for n, t in pooler_mod.targets(p, ctx.settings.connect_timeout)
+                     if t is not None and t != target]
+        if elsewhere:
+            raise PreflightError(f"the app writes through the pooler, but node(s) {'; '.join(elsewhere)} serve another "
+                                 f"database than the source ({target}): the app's writes through them went there. "
+                                 "Point them at the source (or take them out of the load balancer) and run again")
+    return pooler_mod.point(p, target, timeout=ctx.settings.connect_timeout)
+
+
+def _app_verifier(ctx: Context, role: str, database: str) -> str:
+    """The app role's verifier from a restored replica (the candidate first): a physical copy of the source,
+    so Heroku's own verifier, which PgBouncer's SCRAM pass-through needs."""
+    names = [ctx.data["candidate"], *(ctx.data.others or [])]
+    problems = []
+    for name in names:
+        try:
+            return pooler_mod.read_verifier(ctx.pg(name), role, database=database,
+                                            timeout=ctx.settings.connect_timeout * 6)
+        except PreflightError:
+            raise
+        except RunbookError as exc:
+            problems.append(f"{name}: {exc}")
+    raise PreflightError("cannot read the app role's verifier on any replica: " + "; ".join(problems))
+
+
+def auth_in(ctx: Context) -> dict[str, Any]:
+    """``pooler_auth``: every node serves the source and lets the app's role in - its SCRAM verifier, read on
+    a replica, written into each node's auth_file that refuses it, then RELOAD (:func:`pooler_mod.ensure_app_auth`).
+    Which nodes tern may have changed is journaled before any file is, for the revert."""
+    p = ctx.outputs.pooler
+    source = _source_for_pooler(ctx)
+    pointed = _point_at_source(ctx, source)
+    role = url_user(source)
+
+    def written(names: list[str]) -> None:
+        ctx.checkpoint(pooler_auth_written=sorted(set(ctx.data.pooler_auth_written or []) | set(names)))
+
+    done, names = pooler_mod.ensure_app_auth(p, pooler_mod.app_url(p, source),
+                                             lambda: _app_verifier(ctx, role, url_endpoint(source)[2]),
+                                             timeout=ctx.settings.connect_timeout, before_write=written)
+    return {"detail": f"{'; '.join(pointed)}; " + "; ".join(done)}
+
+
+def auth_done(ctx: Context) -> bool:
+    """Every node serves the source and lets the app's role in (a login through each node alone)."""
+    p = ctx.outputs.pooler
+    try:
+        source = _source_for_pooler(ctx)
+        target = pooler_mod.Target.of_url(source)
+        if any(t != target for _, t in pooler_mod.targets(p, ctx.settings.connect_timeout)):
+            return False
+        for node in p.nodes:
+            pooler_mod.check_app_login(p, pooler_mod.app_url(p, source, node), timeout=ctx.settings.connect_timeout,
+                                       node=node)
+        return True
+    except RunbookError:
+        return False
+
+
+def auth_out(ctx: Context) -> None:
+    """Revert of ``pooler_auth``: the app role's line out of the auth_file of the nodes this run wrote, unless
+    the app writes through the pooler (then it needs them). Runs after ``pooler_out`` moved the app back."""
+    names = ctx.data.pooler_auth_written or []
+    if not names or app_on_pooler(ctx):
+        return
+    pooler_mod.drop_app_auth(ctx.outputs.pooler, url_user(ctx.source_url()), names,
+                             timeout=ctx.settings.connect_timeout)
+
+
+def auth_step():
+    """Hop 1's ``pooler_auth`` step (before ``pooler_in``, which relies on it)."""
+    from ..steps import Step
+
+    return Step("pooler_auth", "the pooler serves the source and admits the app's role (its SCRAM verifier, read on "
+                               "a replica, in each node's auth_file)", auth_in, check=auth_done, revert=auth_out,
+                revert_hint="the pooler nodes' auth_file still holds the app role's verifier: remove its line and "
+                            "RELOAD, if the app is not to use the pooler")
+
+
+def pooler_in_done(ctx: Context) -> bool:
+    """The app's URL names the pooler and every node serves the source."""
+    try:
+        target = pooler_mod.Target.of_url(_source_for_pooler(ctx))
+        return app_on_pooler(ctx) and all(
+            t == target for _, t in pooler_mod.targets(ctx.outputs.pooler, ctx.settings.connect_timeout))
+    except RunbookError:
+        return False
 
 
 def pooler_in(ctx: Context) -> dict[str, Any]:
     p = ctx.outputs.pooler
     var = ctx.outputs.source.database_url_var
-    if pooler_mod.points_at_pooler(p, ctx.source_url()):
-        raise PreflightError(f"the app already writes through the pooler but tern does not know the source's own URL: "
-                             f"set {SOURCE_URL_VAR} to it (tern's sessions must reach the source directly)")
-    if app_on_pooler(ctx):
-        target = pooler_mod.current_target(p)
-        return {"app_endpoint": endpoint(ctx), "detail": f"the app already writes through the pooler (-> {target})"}
-    source = ctx.source_url()
-    done = pooler_mod.point(p, pooler_mod.Target.of_url(source), timeout=ctx.settings.connect_timeout)
+    source = _source_for_pooler(ctx)
+    done = _point_at_source(ctx, source)
     # before the app depends on it: the pooler admits the app's own role and reaches the source with it
-    # (its auth_file must hold the role; a pooler that refuses it would take the whole app down at the restart)
+    # (pooler_auth put it in every node's auth_file; a pooler that refuses it would take the whole app down)
     pooler_mod.check_app_login(p, pooler_mod.app_url(p, source), timeout=ctx.settings.connect_timeout)
+    if app_on_pooler(ctx):
+        return {"app_endpoint": endpoint(ctx),
+                "detail": f"the app already writes through the pooler ({'; '.join(done)})"}
     since = time.time()
     ctx.app.set_config_vars({var: pooler_mod.app_url(p, source), SOURCE_URL_VAR: source})
     # Heroku restarts every dyno now: wait until the app writes again, through the pooler, before freezing
@@ -172,10 +282,11 @@ def switch_to(ctx: Context, url: str) -> dict[str, Any]:
 
 
 def switched_to(ctx: Context, url: str) -> bool:
+    """Every node serves the database at ``url`` and none is paused (as each running PgBouncer says)."""
     p = ctx.outputs.pooler
     try:
-        host, port, db = url_endpoint(url)
-        return pooler_mod.current_target(p) == pooler_mod.Target(host, int(port), db) and not any(
-            a.paused(p.database) for a in pooler_mod.admins(p, ctx.settings.connect_timeout))
+        want = pooler_mod.Target.of_url(url)
     except RunbookError:
         return False
+    seen = pooler_mod.each(p, ctx.settings.connect_timeout, lambda a: a.serving(p.database))
+    return all(not isinstance(s, BaseException) and s == (want, False) for s in seen)

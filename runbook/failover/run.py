@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import measure
+from .. import pooler as pooler_mod
 from .. import report as report_mod
 from ..adapters import AppControl, app_for
 from ..contract import Outputs
-from ..errors import ConfigError, Refused, StepError
+from ..errors import ConfigError, Refused, RunbookError, StepError
 from ..journal import Journal, RunLock
 from ..settings import Settings
 from ..steps import Runner, Step
@@ -91,6 +93,7 @@ def run_plan(spec: PlanRun, outputs: Outputs, settings: Settings, app: AppContro
             ctx.close()
         report = report_mod.build(journal, outputs)
         report_mod.save(journal, report)
+        measure.save_write_rate(journal, outputs)   # the sandbox app's ledger goes with it; the review keeps this
     if error is not None:
         error.context["report"] = report
         raise error
@@ -108,9 +111,10 @@ def resumable(spec: PlanRun, state_dir: Path, outputs: Outputs, settings: Settin
 
 
 def completed_in_use(state_dir: Path, kind: str, outputs: Outputs, app,
-                     leader: Callable[[RunState], str | None]) -> Journal | None:
+                     leader: Callable[[RunState], str | None], *, timeout: float = 5.0) -> Journal | None:
     """The last run of ``kind`` when it completed and the app still uses the replica ``leader`` names
-    in its state (running it again is a no-op)."""
+    in its state (running it again is a no-op): its URL names that replica, or (pooler mode) names the
+    pooler and every pooler node serves that replica."""
     from ..pg import url_endpoint
 
     run_id = Journal.latest(state_dir, kind)
@@ -123,6 +127,12 @@ def completed_in_use(state_dir: Path, kind: str, outputs: Outputs, app,
         return None
     url = app.config_var(outputs.source.database_url_var)
     r = outputs.replica(name)
+    if url and outputs.pooler is not None and pooler_mod.points_at_pooler(outputs.pooler, url):
+        try:
+            serves = pooler_mod.current_target(outputs.pooler, timeout=timeout)
+        except RunbookError:
+            return None     # a node down or the nodes disagree: not provably done; the new run's preflight says why
+        return journal if serves is not None and (serves.host, serves.port) == (r.host, r.port) else None
     return journal if url and url_endpoint(url)[:2] == (r.host, r.port) else None
 
 
@@ -208,7 +218,8 @@ def failover_ec2(outputs: Outputs, settings: Settings, *, candidate: str | None 
                    created={"requested_candidate": candidate, "switch_mode": pooler_switch.choose(settings, outputs)},
                    on_resume=same_candidate,
                    already_done=lambda: completed_in_use(Path(settings.state_dir), ec2.KIND, outputs, app,
-                                                         lambda state: state.new_leader),
+                                                         lambda state: state.new_leader,
+                                                         timeout=settings.connect_timeout),
                    already_done_means="the app uses its new leader")
     return run_plan(spec, outputs, settings, app, dry_run=dry_run, confirm=confirm, progress=progress, hooks=hooks)
 
@@ -268,7 +279,8 @@ def rollback_aurora(outputs: Outputs, settings: Settings, *, dry_run: bool = Fal
     spec = PlanRun(rollback.KIND, rollback.plan, context,
                    hop2_dry_run(rollback.KIND, rollback.preflight, when_in_progress=False), refuses=True,
                    already_done=lambda: completed_in_use(Path(settings.state_dir), rollback.KIND, outputs, app,
-                                                         lambda state: state.leader),
+                                                         lambda state: state.leader,
+                                                         timeout=settings.connect_timeout),
                    already_done_means="the app uses the EC2 leader",
                    created={"switch_mode": pooler_switch.choose(settings, outputs, app)})
     return run_plan(spec, outputs, settings, app, dry_run=dry_run, confirm=confirm, progress=progress, hooks=hooks)

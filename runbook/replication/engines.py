@@ -39,6 +39,7 @@ from psycopg import sql
 
 from ..contract import Outputs, Replica
 from ..errors import ConfigError, NotPromoted, PreflightError, RunbookError, StepError, VerificationError
+from ..measure import record_lag
 from ..pg import lsn_to_int
 from ..polling import wait_until
 from ..postgres import PgHost, literal
@@ -324,6 +325,7 @@ class NativeEngine(Engine):
 
     def applied_final(self, ctx) -> str | None:
         lag = native.lag(ctx.pg(ctx.data["leader"]))
+        record_lag(ctx.journal, "aurora", lag.get("lag_bytes"))   # for the after-action review
         if not lag["slot"] or lag["wal_status"] == "lost":
             # no slot, no way for Aurora to receive what the leader wrote: waiting cannot help
             raise StepError(f"the replication slot {SUBSCRIPTION} on the EC2 leader is "

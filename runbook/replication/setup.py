@@ -25,15 +25,17 @@ for ``invoke status`` and ``invoke failover-aurora``.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from psycopg import sql
 
+from .. import measure
 from ..adapters import app_for
 from ..adapters.aurora import aurora_api_for
 from ..contract import Outputs
@@ -48,6 +50,7 @@ from .engines import STATUS_KEYS  # noqa: F401 - the status keys' historical hom
 from .leader import aurora_master_url, leader, leader_url
 
 KIND = "replicate-aurora"
+log = logging.getLogger(__name__)
 
 
 def _leader(ctx: Context):
@@ -146,9 +149,17 @@ def initial_sync(ctx: Context) -> dict[str, Any]:
         builder.start()
     try:
         result = engine.wait_synchronised(ctx, ctx.settings.restore_timeout)
-    finally:
-        if builder is not None:
-            builder.finish()
+    except BaseException:
+        if builder is not None:   # the sync did not end: nothing to finish, what it builds is cancelled
+            try:
+                builder.finish(wait=0)
+            except StepError as exc:
+                log.warning("%s", exc)   # schema_after refuses to start beside it (stop_finishers)
+        raise
+    if builder is not None:
+        # bounded (restore_timeout more), then cancelled: the step never ends with the finisher still building
+        builder.finish(wait=ctx.settings.restore_timeout)
+    result.update(measure.volume(_leader(ctx), _db(ctx), prefix="initial_sync_"))   # for `invoke estimate`
     if builder is not None and (builder.built or builder.primary_keys or builder.analyzed or builder.foreign_keys):
         result["detail"] = result.get("detail", "") + (
             f"; as each table's copy ended: {builder.primary_keys} primary keys and {builder.built} indexes built, "
@@ -168,7 +179,108 @@ def _table(match: re.Match) -> str:
     return ".".join(part.strip('"') for part in re.findall(r'"[^"]+"|[^.]+', match.group(1)))
 
 
-class IndexBuilder:
+FINISHER_CANCEL_SECONDS = 30.0   # after a finisher is cancelled, how long its statements get to stop
+
+
+class Finisher:
+    """A thread that builds on Aurora beside the initial copy (:class:`IndexBuilder`). Every one alive is
+    known, and :func:`stop_finishers` cancels and joins them, bounded: ``schema_after`` never builds beside
+    one (two sessions building the same key or index: one fails, or waits on the other's lock).
+
+    ``finish`` (the copy ended: what started may end, then the thread does) or ``cancel`` (end now: the
+    statements its tracked connections run on Aurora are cancelled)."""
+
+    _live: set["Finisher"] = set()
+    _live_lock = threading.Lock()
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._stop = threading.Event()         # the copy ended
+        self._cancelled = threading.Event()    # end now
+        self._thread: threading.Thread | None = None
+        self._lock = threading.RLock()         # re-entrant: a worker opens a tracked connection under it
+        self._open: set[Any] = set()           # its connections (cancelled by cancel())
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
+        with Finisher._live_lock:
+            Finisher._live.add(self)
+        self._thread.start()
+
+    def _main(self) -> None:
+        try:
+            self._run()
+        finally:
+            with Finisher._live_lock:
+                Finisher._live.discard(self)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def tracked(self, opening: Any) -> Iterator[Any]:
+        """``opening`` (a connection's context manager), its connection cancelled by :meth:`cancel`."""
+        with opening as conn:
+            with self._lock:
+                self._open.add(conn)
+            try:
+                yield conn
+            finally:
+                with self._lock:
+                    self._open.discard(conn)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        self._stop.set()
+        with self._lock:
+            conns = list(self._open)
+        for conn in conns:
+            try:
+                conn.cancel_safe(timeout=5)
+            except Exception:  # noqa: BLE001 - a closed or broken connection runs nothing
+                pass
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout=max(0.0, timeout))
+
+    def finish(self, wait: float) -> None:
+        """The copy ended: let what started end, for up to ``wait`` seconds, then cancel the rest. Never
+        returns while the thread still lives (StepError)."""
+        self._stop.set()
+        if wait > 0:
+            self.join(wait)
+        stop_finishers([self])
+
+
+def stop_finishers(finishers: list[Finisher] | None = None, timeout: float | None = None) -> None:
+    """No finisher (``finishers``, default every one alive in this process) still builds on Aurora: each is
+    cancelled and joined within ``timeout`` (``FINISHER_CANCEL_SECONDS``); one still alive then raises StepError."""
+    timeout = FINISHER_CANCEL_SECONDS if timeout is None else timeout
+    if finishers is None:
+        with Finisher._live_lock:
+            finishers = list(Finisher._live)
+    live = [f for f in finishers if f.alive]
+    for f in live:
+        f.cancel()
+    deadline = time.monotonic() + timeout
+    for f in live:
+        f.join(deadline - time.monotonic())
+    still = sorted({f.name for f in live if f.alive})
+    if still:
+        raise StepError(f"{', '.join(still)} still building on Aurora {timeout:.0f}s after it was cancelled: "
+                        "nothing else builds beside it (run the same command again)")
+
+
+class IndexBuilder(Finisher):
     """Finishes each table on Aurora as soon as its initial copy is committed (state ``f``, ``s`` or ``r``),
     while the other tables still copy, as pgcopydb does: its primary key first (native: the copy ran
     without it, faster; from its own session, so that the apply's catch-up never waits behind other
@@ -179,6 +291,7 @@ class IndexBuilder:
     whatever is missing and reports what fails."""
 
     def __init__(self, ctx: Context) -> None:
+        super().__init__("tern-index-builder")
         self.ctx = ctx
         keys, rest = schema.split_post_data(schema.dump(_leader(ctx), _db(ctx), "post-data"))
         self.head = schema.preamble(rest)
@@ -209,18 +322,6 @@ class IndexBuilder:
         self.analyzed = 0
         self.foreign_keys = 0
         self.failed: list[str] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="tern-index-builder", daemon=True)
-        self._thread.start()
-
-    def finish(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.ctx.settings.restore_timeout)
 
     def _run(self) -> None:
         from concurrent.futures import Future, ThreadPoolExecutor
@@ -230,15 +331,19 @@ class IndexBuilder:
         opened = ExitStack()   # every worker's connection, closed when the builds are done
 
         def run(body: str, what: str) -> bool:
+            if self.cancelled:
+                return False
             try:
                 if not hasattr(local, "conn"):
                     with self._lock:
-                        local.conn = opened.enter_context(native.master_connection(url, timeout))
+                        local.conn = opened.enter_context(self.tracked(native.master_connection(url, timeout)))
                     local.conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(
                         sql.Literal(INDEX_MAINTENANCE_WORK_MEM)))
                 schema.restore(local.conn, self.head + body, self.role, what)
                 return True
             except Exception as exc:  # noqa: BLE001 - best effort: schema_after builds what is missing
+                if self.cancelled:
+                    return False
                 with self._lock:
                     self.failed.append(str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__)
                 return False
@@ -249,10 +354,15 @@ class IndexBuilder:
                     self.built += 1
 
         def build_keys(bodies: list[str]) -> None:
-            with native.master_connection(url, timeout) as conn:   # its own session: never queued behind indexes
+            if self.cancelled:
+                return
+            # its own session: never queued behind indexes
+            with self.tracked(native.master_connection(url, timeout)) as conn:
                 conn.execute(sql.SQL("SET maintenance_work_mem = {}").format(sql.Literal(INDEX_MAINTENANCE_WORK_MEM)))
                 for body in bodies:
                     for attempt in range(3):   # the sync waits on the key: a transient failure is tried again
+                        if self.cancelled:
+                            return
                         if schema.present(conn, body):
                             break
                         try:
@@ -261,6 +371,8 @@ class IndexBuilder:
                                 self.primary_keys += 1
                             break
                         except Exception as exc:  # noqa: BLE001 - best effort: schema_after builds what is missing
+                            if self.cancelled:
+                                return
                             if attempt == 2:
                                 with self._lock:
                                     self.failed.append(str(exc).strip().splitlines()[0] if str(exc)
@@ -284,10 +396,10 @@ class IndexBuilder:
         analyzing: dict[str, Future] = {}         # table -> its ANALYZE, once its indexes are built
         fks: list[Future] = []
         try:
-            with native.master_connection(url, timeout) as watch, \
+            with self.tracked(native.master_connection(url, timeout)) as watch, \
                     ThreadPoolExecutor(max_workers=INDEX_JOBS, thread_name_prefix="tern-index") as pool, \
                     ThreadPoolExecutor(max_workers=1, thread_name_prefix="tern-keys") as key_pool:
-                while True:
+                while not self.cancelled:   # cancelled: what is queued returns at once, what runs is cancelled
                     synced = self._stop.is_set()   # the sync ended: every table is copied (one more look)
                     states = native.table_states(watch)
                     # f: its copy is committed (the table-sync worker now catches up on the changes made
@@ -333,9 +445,11 @@ INDEX_MAINTENANCE_WORK_MEM = "512MB"   # per index build (Aurora's default is 64
 
 def schema_after(ctx: Context) -> dict[str, Any]:
     """Indexes (``INDEX_JOBS`` at once, each with ``INDEX_MAINTENANCE_WORK_MEM``), then foreign keys,
-    triggers and the rest, in dump order, after the initial copy."""
+    triggers and the rest, in dump order, after the initial copy. Never beside a finisher of the copy
+    still building (:func:`stop_finishers`: cancelled and joined, bounded, else this step fails)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    stop_finishers()
     keys, rest = schema.split_post_data(schema.dump(_leader(ctx), _db(ctx), "post-data"))
     role = schema.app_role(ctx.source_url())
     head = schema.preamble(rest)

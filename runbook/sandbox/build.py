@@ -109,8 +109,55 @@ def _port_open(port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-def _free_ports(count: int, start: int | None = None) -> list[int]:
-    """Free loopback ports; the scan starts at a random point so concurrent sandboxes rarely race."""
+def _claims_dir() -> Path:
+    import tempfile
+
+    d = Path(tempfile.gettempdir()) / f"tern-port-claims-{os.getuid()}"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return d
+
+
+def _claim(port: int, owner: Path) -> bool:
+    """Claim ``port`` for the sandbox at ``owner`` until :func:`release_ports`.
+
+    A port that is free now may belong to another sandbox whose server is stopped for a moment (a
+    restart, a rebuild in a repoint); binding alone cannot see that, and two sandboxes on one machine
+    (parallel tests, two operators) would then share a port and talk to each other's servers. A claim
+    whose owner no longer exists is stale and taken over."""
+    path = _claims_dir() / str(port)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            try:
+                holder = Path(path.read_text().strip())
+            except OSError:
+                continue
+            if holder == owner:
+                return True
+            if str(holder) and holder.exists():
+                return False
+            path.unlink(missing_ok=True)   # stale: its sandbox is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(owner))
+        return True
+    return False
+
+
+def release_ports(owner: Path) -> None:
+    """Drop every port claim held by the sandbox at ``owner``."""
+    owner = Path(owner).absolute()
+    for path in _claims_dir().iterdir():
+        try:
+            if Path(path.read_text().strip()) == owner:
+                path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _free_ports(count: int, start: int | None = None, *, owner: Path | None = None) -> list[int]:
+    """Free loopback ports, claimed for ``owner`` (see :func:`_claim`); the scan starts at a random point."""
     import random
 
     ports: list[int] = []
@@ -119,9 +166,11 @@ def _free_ports(count: int, start: int | None = None) -> list[int]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("127.0.0.1", port))
-                ports.append(port)
+                free = True
             except OSError:
-                pass
+                free = False
+        if free and (owner is None or _claim(port, owner)):
+            ports.append(port)
         port += 1
     if len(ports) < count:
         raise SandboxError("no free loopback ports for the sandbox")
@@ -213,7 +262,7 @@ class Sandbox:
         os.chmod(self.root, 0o755)
         self._check_reachable()
         names = ["source", "aurora"] + [f"ec2-{chr(ord('a') + i)}" for i in range(replicas)]
-        ports = _free_ports(len(names) + (1 if pooler else 0))
+        ports = _free_ports(len(names) + (1 if pooler else 0), owner=self.root)
         state = {
             "bin_dir": str(bin_dir), "pg_major": major, "dataset": dataset, "scale": scale,
             "locale": sandbox_locale(),
@@ -289,7 +338,7 @@ class Sandbox:
                 log_text = pg.host.read_file(pg.log_file or "") or ""
                 if "already in use" not in log_text or attempt == attempts - 1:
                     raise
-                pg.port = _free_ports(1)[0]
+                pg.port = _free_ports(1, owner=self.root)[0]
                 pg.host.run(["sh", "-c", 'echo "port = $2" >> "$1/postgresql.conf"', "sh", pg.data_dir,
                              str(pg.port)], timeout=10)
                 state["nodes"][pg.host.name]["port"] = pg.port
@@ -418,10 +467,9 @@ pidfile = {p["pidfile"]}
         os.chmod(p["cert"].parent, 0o700)
         self._chown(self.pooler_dir)
         host = LocalHost(POOLER_NODE, self.os_user)     # the files are the OS user's that runs pgbouncer
-        # plain text: PgBouncer logs in to whichever server it points at with the app role's own password
-        # (source, replicas and Aurora share it); the file is 0600
-        host.write_file(str(p["userlist"]), "".join(f'"{user}" "{password}"\n' for user, password in (
-            (APP_ROLE, passwords["app_password"]), (POOLER_ADMIN, passwords["pooler_admin_password"]))))
+        # tern_admin only, as on AWS: the failover's pooler_auth step adds the app role's SCRAM verifier (read
+        # on a restored replica) through the node's command channel, the same code as on AWS; the file is 0600
+        host.write_file(str(p["userlist"]), f'"{POOLER_ADMIN}" "{passwords["pooler_admin_password"]}"\n')
         source = Target("127.0.0.1", int(state["nodes"]["source"]["port"]), APP_DB)
         host.write_file(str(p["databases"]), databases_text(APP_DB, source))
         if shutil.which("openssl") is None:
@@ -462,7 +510,7 @@ pidfile = {p["pidfile"]}
             log_text = self._pooler_log(offset)
             if "already in use" in log_text and attempt < attempts - 1 and not self.exists():
                 self.stop_pooler()
-                info["port"] = _free_ports(1)[0]
+                info["port"] = _free_ports(1, owner=self.root)[0]
                 host.write_file(str(p["ini"]), self._pooler_ini(info["port"]))
                 self.state_file.write_text(json.dumps(state, indent=1))
                 continue
@@ -558,7 +606,8 @@ pidfile = {p["pidfile"]}
                            "availability_zone": info.get("availability_zone", POOLER_ZONE),
                            "admin_host": "127.0.0.1", "admin_port": info["port"],
                            "commands": {"kind": "local", "os_user": self.os_user},
-                           "databases_file": str(self._pooler_paths()["databases"])}]}
+                           "databases_file": str(self._pooler_paths()["databases"]),
+                           "auth_file": str(self._pooler_paths()["userlist"])}]}
 
     def _aurora_api(self, state: dict[str, Any]) -> dict[str, Any]:
         """The stand-in for the RDS API (contract ``aurora.api``, kind ``local``): the node's superuser."""
@@ -593,6 +642,8 @@ pidfile = {p["pidfile"]}
             "dms": None,
             "pooler": self._pooler_outputs(state),
             "credentials": {"replication_password": f"{ref}#replication_password"},
+            # tern runs on this machine: the replicas admit its client certificate from loopback only
+            "admin_cidrs": ["127.0.0.1/32", "::1/128"],
         }
         from ..contract import parse
 
@@ -637,6 +688,7 @@ pidfile = {p["pidfile"]}
                 except Exception:  # noqa: BLE001 - a server that will not stop is killed
                     pg.kill()
         shutil.rmtree(self.root, ignore_errors=True)
+        release_ports(self.root)
         return result
 
     def check_ledger_after_stop(self) -> dict[str, Any]:

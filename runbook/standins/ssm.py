@@ -20,8 +20,12 @@ What it does as the service and its agent do (and moto does not):
 * with OutputS3BucketName the full output goes to S3 under ``<prefix>/<command id>/<instance id>/
   awsrunShellScript/0.awsrunShellScript/stdout`` (and ``stderr``); an empty stream is not uploaded,
   and an upload that fails (no such bucket) does not fail the command, as with the agent. The same
-  server answers S3's GetObject and ListObjectsV2 (path-style, REST) for the buckets made with
-  :meth:`SsmStandIn.add_bucket`, so the adapter reads the output through boto3's ``s3`` client;
+  server answers S3's GetObject, HeadObject and ListObjectsV2 (path-style, REST: ``prefix``,
+  ``delimiter`` with CommonPrefixes, ``max-keys`` up to 1,000 a page, ``continuation-token``,
+  ``start-after``; each object's LastModified) for the buckets made with :meth:`SsmStandIn.add_bucket`,
+  so the adapter reads the output through boto3's ``s3`` client, and a rehearsal's WAL-G stand-in
+  (:mod:`runbook.standins.walg`) reads the archive a bucket holds (:meth:`SsmStandIn.put_object`
+  writes it, as the bucket's owner does);
 * GetCommandInvocation polled faster than ``poll_rate`` calls a second (a bucket of ``poll_burst``)
   answers ``ThrottlingException``;
 * a request must be SigV4-signed with the stand-in's access key, for its region and service.
@@ -156,11 +160,15 @@ class SsmStandIn:
     """The service; instances are added with :meth:`add_instance`. Start and stop it with ``with``."""
 
     def __init__(self, *, region: str = "us-east-1", latency: float = 1.0, visible_after: float = 0.5,
-                 poll_rate: float = 5.0, poll_burst: float = 5.0, access_key: str | None = None) -> None:
+                 poll_rate: float = 5.0, poll_burst: float = 5.0, access_key: str | None = None,
+                 agent_path: tuple[str, ...] = ()) -> None:
+        """``agent_path``: directories put first on the agent's PATH - what an instance's user data installs
+        under /usr/local/bin (a rehearsal's ``wal-g``), for every command and every process it starts."""
         self.region = region
         self.latency = latency
         self.visible_after = visible_after
         self.buckets: dict[str, dict[str, bytes]] = {}
+        self.modified: dict[tuple[str, str], float] = {}  # (bucket, key) -> when it was last written (epoch)
         self.access_key = access_key or "AKIA" + secrets.token_hex(8).upper()
         self.secret_key = secrets.token_hex(20)         # any signature is accepted; the key id is checked
         self.instances: dict[str, Instance] = {}
@@ -177,6 +185,8 @@ class SsmStandIn:
                 f.write(RUNUSER_SHIM)
             os.chmod(os.path.join(shim, "runuser"), 0o755)
             self._env["PATH"] = f"{shim}:{AGENT_PATH}"
+        if agent_path:
+            self._env["PATH"] = ":".join([*map(str, agent_path), self._env["PATH"]])
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -190,6 +200,9 @@ class SsmStandIn:
 
             def do_GET(self) -> None:  # noqa: N802
                 standin._handle_s3(self)
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                standin._handle_s3(self, head=True)
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 log.debug("ssm stand-in: " + format, *args)
@@ -241,6 +254,12 @@ class SsmStandIn:
         """An S3 bucket the agent can write command output to (on AWS: made by ``pulumi up``)."""
         self.buckets.setdefault(name, {})
         return name
+
+    def put_object(self, bucket: str, key: str, body: bytes) -> None:
+        """Write an object, as its owner would (the agent's upload; Heroku's WAL-G into its archive bucket)."""
+        with self._lock:
+            self.buckets[bucket][key] = bytes(body)
+            self.modified[(bucket, key)] = time.time()
 
     def add_instance(self, instance_id: str | None = None, *, online: bool = True) -> str:
         instance_id = instance_id or "i-" + secrets.token_hex(9)[:17]
@@ -539,25 +558,29 @@ class SsmStandIn:
             return
         for stream, text in (("stdout", stdout), ("stderr", stderr)):
             if text:                        # the agent uploads a stream only when it is not empty
-                self.buckets[bucket][self._key(inv, stream)] = text.encode()
+                self.put_object(bucket, self._key(inv, stream), text.encode())
 
-    # -- S3, read side (GetObject, ListObjectsV2; path-style) ----------------------------------
-    def _handle_s3(self, req: BaseHTTPRequestHandler) -> None:
+    # -- S3, read side (GetObject, HeadObject, ListObjectsV2; path-style) ------------------------
+    def _handle_s3(self, req: BaseHTTPRequestHandler, head: bool = False) -> None:
         url = urlsplit(req.path)
         bucket, _, key = unquote(url.path).lstrip("/").partition("/")
-        query = dict(parse_qsl(url.query))
-        operation = "ListObjectsV2" if not key else "GetObject"
+        query = dict(parse_qsl(url.query, keep_blank_values=True))
+        operation = "ListObjectsV2" if not key else "HeadObject" if head else "GetObject"
+        modified = time.time()
         try:
             self._authenticate(req.headers.get("Authorization", ""), "s3")
             objects = self.buckets.get(bucket)
             if objects is None:
                 raise ApiError("NoSuchBucket", "The specified bucket does not exist", 404)
             if key:
-                if key not in objects:
+                with self._lock:
+                    body = objects.get(key)
+                    modified = self.modified.get((bucket, key), modified)
+                if body is None:
                     raise ApiError("NoSuchKey", "The specified key does not exist.", 404)
-                body, content_type = objects[key], "application/octet-stream"
+                content_type = "application/octet-stream"
             else:
-                body, content_type = self._list_objects(bucket, objects, query.get("prefix", "")), "application/xml"
+                body, content_type = self._list_objects(bucket, query), "application/xml"
             self.calls.append((operation, "ok"))
             status = 200
         except ApiError as exc:
@@ -569,20 +592,58 @@ class SsmStandIn:
         req.send_header("Content-Type", content_type)
         req.send_header("Content-Length", str(len(body)))
         req.send_header("ETag", f'"{hashlib.md5(body).hexdigest()}"')
-        req.send_header("Last-Modified", formatdate(usegmt=True))
+        req.send_header("Last-Modified", formatdate(modified, usegmt=True))
         req.send_header("x-amz-request-id", uuid.uuid4().hex)
         req.end_headers()
-        req.wfile.write(body)
+        if not head:
+            req.wfile.write(body)
 
-    @staticmethod
-    def _list_objects(bucket: str, objects: dict[str, bytes], prefix: str) -> bytes:
-        keys = sorted(k for k in objects if k.startswith(prefix))
-        contents = "".join(f"<Contents><Key>{escape(k)}</Key><Size>{len(objects[k])}</Size>"
-                           f"<StorageClass>STANDARD</StorageClass></Contents>" for k in keys)
+    def _list_objects(self, bucket: str, query: dict[str, str]) -> bytes:
+        """ListObjectsV2: keys in UTF-8 binary order; with a delimiter, the keys that share the part of
+        their name up to it after the prefix roll up into one CommonPrefixes entry (counted once in
+        max-keys); a page ends at max-keys (at most 1,000) with a continuation token."""
+        if query.get("list-type") != "2":
+            raise ApiError("NotImplemented", "this stand-in answers ListObjectsV2 (list-type=2) only", 501)
+        prefix, delimiter = query.get("prefix", ""), query.get("delimiter", "")
+        max_keys = max(0, min(1000, int(query.get("max-keys") or 1000)))
+        after = query.get("continuation-token") or query.get("start-after") or ""
+        with self._lock:
+            objects = {k: (len(v), self.modified.get((bucket, k), 0.0), hashlib.md5(v).hexdigest())
+                       for k, v in self.buckets[bucket].items() if k.startswith(prefix)}
+        entries: list[tuple[str, bool]] = []           # (key or common prefix, is a common prefix)
+        for k in sorted(objects, key=lambda k: k.encode()):
+            if after and k.encode() <= after.encode():
+                continue
+            rest = k[len(prefix):]
+            if delimiter and delimiter in rest:
+                common = prefix + rest[:rest.index(delimiter) + len(delimiter)]
+                if entries and entries[-1] == (common, True):
+                    continue
+                if after and common.encode() <= after.encode():
+                    continue
+                entries.append((common, True))
+            else:
+                entries.append((k, False))
+        page, truncated = entries[:max_keys], len(entries) > max_keys
+        # the token: the last key (or common prefix) of the page; the next page starts after it
+        token = page[-1][0] if truncated and page else ""
+        contents = "".join(
+            # S3 keeps LastModified to the second (listed as .000Z)
+            f"<Contents><Key>{escape(k)}</Key><LastModified>{_iso(int(objects[k][1]))}</LastModified>"
+            f"<ETag>&quot;{objects[k][2]}&quot;</ETag><Size>{objects[k][0]}</Size>"
+            f"<StorageClass>STANDARD</StorageClass></Contents>" for k, common in page if not common)
+        prefixes = "".join(f"<CommonPrefixes><Prefix>{escape(k)}</Prefix></CommonPrefixes>"
+                           for k, common in page if common)
         return ('<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult '
                 'xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
-                f"<Name>{escape(bucket)}</Name><Prefix>{escape(prefix)}</Prefix><KeyCount>{len(keys)}</KeyCount>"
-                f"<MaxKeys>1000</MaxKeys><IsTruncated>false</IsTruncated>{contents}</ListBucketResult>").encode()
+                f"<Name>{escape(bucket)}</Name><Prefix>{escape(prefix)}</Prefix>"
+                + (f"<Delimiter>{escape(delimiter)}</Delimiter>" if delimiter else "")
+                + f"<KeyCount>{len(page)}</KeyCount><MaxKeys>{max_keys}</MaxKeys>"
+                f"<IsTruncated>{'true' if truncated else 'false'}</IsTruncated>"
+                + (f"<NextContinuationToken>{escape(token)}</NextContinuationToken>" if token else "")
+                + (f"<ContinuationToken>{escape(query['continuation-token'])}</ContinuationToken>"
+                   if query.get("continuation-token") else "")
+                + f"{contents}{prefixes}</ListBucketResult>").encode()
 
     def _finish(self, inv: Invocation, status: str, details: str, code: int, stdout: str, stderr: str) -> None:
         with self._lock:

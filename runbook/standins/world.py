@@ -21,10 +21,15 @@ report can still read the sandbox app's ledger), and sets the environment boto3 
 (``AWS_ENDPOINT_URL_SSM`` / ``_S3``, credentials, ``TERN_HEROKU_API_URL``, the smoke-test contract).
 :meth:`AwsWorld.__exit__` stops the stand-ins and puts the environment back as it was.
 
-The restore is not run through this world (yet): on AWS the replicas' TLS files come from the instances'
-user data (``/etc/tern/postgresql``), and restore refuses an SSM host without them. Restore with the
-sandbox's own (local) outputs first, which makes them in ``<data_dir>.tls``; the outputs written here
-name that directory (``replicas[].tls_dir``) so that a rebuild in the repoint configures the same files.
+The restore runs through this world too (``archive="s3"``, the default): the source's archive is put into
+an S3 bucket in WAL-G's layout and kept flowing while the source archives (:mod:`runbook.standins.archive`,
+Heroku's side), the outputs' ``source.archive`` is that bucket (kind ``s3``, with the env directory), and
+what the instances' user data installs is stood in: ``wal-g`` (:mod:`runbook.standins.walg`) on the agent's
+PATH, its env directory, each replica's certificate and key in ``replicas[].tls_dir`` (on AWS:
+``/etc/tern/postgresql``). ``restore_all`` then fetches the base backup with ``wal-g backup-fetch`` over SSM,
+and every standby replays with ``wal-g wal-fetch``. ``archive="directory"`` keeps the sandbox's own archive
+in the outputs, for replicas restored beforehand with the local outputs (whose servers do not have the
+world's ``wal-g`` on their PATH): ``bench/failover_ec2.py`` restores once and copies.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ..contract import Outputs, parse
+from .archive import HerokuArchive, install_host_tools, make_tls_files
 from .heroku import LOCAL_SMOKE_SQL, HerokuStandIn, LocalAppBackend
 from .ssm import SsmStandIn
 
@@ -42,6 +48,7 @@ REGION = "us-east-1"
 OUTPUT_BUCKET = "tern-rehearsal-ssm-output"
 API_KEY_VAR = "TERN_STANDIN_HEROKU_API_KEY"
 OUTPUTS_NAME = "outputs.aws.json"
+HOSTS_DIR = "aws-hosts"     # under the sandbox: the instances' wal-g, envdir and WAL-G env directory
 # what the adapters and boto3 read from the environment while the world is up (put back afterwards)
 ENV_KEYS = ("AWS_ENDPOINT_URL_SSM", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_EC2", "AWS_ENDPOINT_URL",
             "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_REGION",
@@ -52,8 +59,12 @@ class AwsWorld:
     """Use as a context manager around a sandbox that is up (servers and app running)."""
 
     def __init__(self, sandbox, *, latency: float = 1.0, boot_seconds: float = 1.0,
-                 grace_seconds: float = 30.0, region: str = REGION) -> None:
+                 grace_seconds: float = 30.0, region: str = REGION, archive: str = "s3") -> None:
+        if archive not in ("s3", "directory"):
+            raise ValueError(f"archive is s3 or directory, not {archive!r}")
         self.sandbox = sandbox
+        self.archive_kind = archive
+        self.archive = None       # runbook.standins.archive.HerokuArchive (archive="s3")
         self.latency = latency
         self.boot_seconds = boot_seconds
         self.grace_seconds = grace_seconds
@@ -98,10 +109,17 @@ class AwsWorld:
                                     TagSpecifications=[{"ResourceType": "instance",
                                                         "Tags": [{"Key": "Name", "Value": r["name"]}]}])
             self.instances[r["name"]] = run["Instances"][0]["InstanceId"]
-        self.ssm = SsmStandIn(region=self.region, latency=self.latency).start()
+        hosts = Path(self.sandbox.root) / HOSTS_DIR      # what the instances' user data installs
+        tools = (install_host_tools(hosts, self.sandbox.os_user),) if self.archive_kind == "s3" else ()
+        self.ssm = SsmStandIn(region=self.region, latency=self.latency, agent_path=tools).start()
         self.ssm.add_bucket(OUTPUT_BUCKET)
         for instance_id in self.instances.values():
             self.ssm.add_instance(instance_id)
+        if self.archive_kind == "s3":
+            self.archive = HerokuArchive(self.sandbox, self.ssm, hosts, os_user=self.sandbox.os_user,
+                                         prefix=local["source"]["heroku_app"]).start()
+            for r in local["replicas"]:
+                make_tls_files(_tls_dir(r), r["host"], r["commands"].get("os_user", "postgres"))
         self.heroku = HerokuStandIn(LocalAppBackend(self.sandbox.app_dir), app=local["app"]["name"],
                                     boot_seconds=self.boot_seconds, grace_seconds=self.grace_seconds)
         self.heroku.__enter__()
@@ -116,6 +134,9 @@ class AwsWorld:
         os.chmod(self.outputs_file, 0o600)
 
     def close(self) -> None:
+        if self.archive is not None:
+            self.archive.stop()
+            self.archive = None
         if self.heroku is not None:
             self.heroku.__exit__(None, None, None)
         if self.ssm is not None:
@@ -144,9 +165,11 @@ class AwsWorld:
         for r in out["replicas"]:
             r["commands"] = {"kind": "ssm", "instance_id": self.instances[r["name"]], "region": self.region,
                              "output_bucket": OUTPUT_BUCKET, "os_user": r["commands"].get("os_user", "postgres")}
-            # one machine, many "instances": each keeps the TLS files restore made beside its data directory
+            # one machine, many "instances": each keeps its TLS files beside its data directory
             # (on AWS: /etc/tern/postgresql, from the instance's user data)
-            r["tls_dir"] = r["data_dir"].rstrip("/") + ".tls"
+            r["tls_dir"] = _tls_dir(r)
+        if self.archive is not None:
+            out["source"]["archive"] = self.archive.contract()
         out["app"] = {"kind": "heroku", "name": local["app"]["name"], "api_key": f"env:{API_KEY_VAR}",
                       "state_dir": local["app"]["state_dir"]}
         parse(out, origin="stand-in outputs")
@@ -195,7 +218,12 @@ class AwsWorld:
                        "database_url_endpoint": _endpoint(self.heroku.config.get("DATABASE_URL")),
                        "attachments": sorted(a["name"] for a in self.heroku.attachments)},
             "ec2": {"snapshots": snapshots},
+            **({"archive": self.archive.summary()} if self.archive is not None else {}),
         }
+
+
+def _tls_dir(replica: dict[str, Any]) -> str:
+    return replica["data_dir"].rstrip("/") + ".tls"
 
 
 def _endpoint(url: str | None) -> str | None:

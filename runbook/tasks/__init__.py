@@ -9,13 +9,13 @@ from invoke.exceptions import ParseError
 from invoke.program import Program
 
 from ..settings import Settings
-from . import environment, failover, hop2, infrastructure, rehearsal, sandbox, verification
+from . import drill, environment, estimation, failover, hop2, infrastructure, rehearsal, sandbox, verification
 
 
 def build_namespace() -> Collection:
     ns = Collection()
     ns.add_collection(Collection.from_module(sandbox), name="sandbox")
-    for module in (environment, failover, hop2, infrastructure, rehearsal, verification):
+    for module in (drill, environment, estimation, failover, hop2, infrastructure, rehearsal, verification):
         for t in Collection.from_module(module).tasks.values():
             ns.add_task(t)
     # Short flags are not generated: from first letters they meant different things in different

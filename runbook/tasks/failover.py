@@ -103,10 +103,11 @@ def failover_ec2(c, candidate=None, dry_run=False, yes=False, stack=None, json=F
     """
     stack = parse_name("stack", stack)
     candidate = parse_name("candidate", candidate)
+    mode = switch_mode(switch)   # every flag before any look at the environment
     o = outputs(c, stack)
     if candidate is not None:
         o.replica(candidate)   # an unknown name is bad input, before anything else
-    s = stack_settings(settings(c), stack).replace(switch_mode=switch_mode(switch))
+    s = stack_settings(settings(c), stack).replace(switch_mode=mode)
     if Journal.current(s.state_dir, ec2.KIND) is None:
         check_restored(o, stack, candidate)
     show = human(json)
@@ -161,13 +162,19 @@ RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @task(help={"run": "run id (default: the latest of the stack)", "json": "print the report as JSON on stdout",
-            "stack": STACK_HELP})
+            "stack": STACK_HELP,
+            "html": "also write the after-action review: a self-contained HTML page (default <run dir>/review.html, "
+                    "or the path given); both hops when the run ended a rehearsal. Its path goes to stderr (with "
+                    "--json, to the JSON's review field)",
+            "png": "also write the review's picture alone to this PNG file"},
+      optional=["html"])
 @task_errors
-def report(c, run=None, json=False, stack=None):
+def report(c, run=None, json=False, stack=None, html=None, png=None):
     """The report of a run: steps, write-unavailability window, acknowledged writes and those missing.
 
     Runs are kept per stack in <state_dir>/<stack>/runs (state_dir: <repo>/.tern by default), so a
-    rehearsal's report is still there after the sandbox is gone.
+    rehearsal's report is still there after the sandbox is gone. --html / --png draw the after-action
+    review from the same records (runbook/review.py).
     """
     stack = parse_name("stack", stack)
     run = parse_name("run", run)
@@ -182,10 +189,31 @@ def report(c, run=None, json=False, stack=None):
     data = report_mod.build(journal, o)
     if o is None:
         data = report_mod.with_saved_figures(journal, data)
+    written = None
+    if html or png:
+        written = write_review(s.state_dir, journal.run_id, html=html, png=parse_name("png", png),
+                               state_root=settings(c).state_dir)
     if json:
-        print_json(data)
-        return
-    render_report(data)
+        print_json(dict(data, review=written) if written else data)
+    else:
+        render_report(data)
+    for what, path in (written or {}).items():
+        say(f"after-action review ({what}): {path}")
+
+
+def write_review(state_dir, run_id: str, *, html=None, png=None, state_root=None) -> dict[str, str]:
+    """The after-action review of ``run_id`` (:mod:`runbook.review`): ``html`` True (the run directory's
+    review.html) or a path, ``png`` a path or None. Returns what was written where."""
+    from pathlib import Path
+
+    from .. import review
+
+    html_path = None if html in (None, True) else Path(parse_name("html", html))
+    try:
+        return review.write(state_dir, run_id, html_path=html_path, png_path=Path(png) if png else None,
+                            state_root=state_root, page_too=bool(html))
+    except ImportError as exc:   # matplotlib: a dependency of the project (./dev installs it)
+        raise ConfigError(f"the review needs matplotlib ({exc}): run ./dev setup") from None
 
 
 def render_report(r, out=out) -> None:

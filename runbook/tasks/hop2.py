@@ -88,8 +88,9 @@ def run_switch(c, title: str, entry, *, dry_run: bool, yes: bool, stack, json: b
     """A hop-2 switch (``entry``: failover or rollback) under progress, then its report or plan; exit 1
     when an acknowledged write is missing."""
     stack = parse_name("stack", stack)
+    mode = switch_mode(switch)   # every flag before any look at the environment
     o = outputs(c, stack)
-    s = stack_settings(settings(c), stack).replace(switch_mode=switch_mode(switch))
+    s = stack_settings(settings(c), stack).replace(switch_mode=mode)
     show = human(json)
     result = run_reported(title, show, json,
                           lambda update: entry(o, s, dry_run=dry_run, confirm=make_confirm(yes, s.confirm_timeout),

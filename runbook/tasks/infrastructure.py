@@ -15,5 +15,7 @@ from .failover import make_confirm
 def teardown(c, stack=None, yes=False):
     """Tear down a rehearsal stack: pulumi destroy, then pulumi stack rm. Refuses prod and non-rehearsal stacks."""
     stack = parse_name("stack", stack, required=True)
-    run_teardown(stack, PROJECT_DIR, confirm=make_confirm(yes, settings(c).confirm_timeout), progress=say)
+    s = settings(c)
+    run_teardown(stack, PROJECT_DIR, confirm=make_confirm(yes, s.confirm_timeout), progress=say,
+                 state_dir=s.stack_state_dir(stack))
     say(f"stack {stack} destroyed and removed")

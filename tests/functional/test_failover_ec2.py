@@ -255,14 +255,19 @@ def test_killed_at_an_arbitrary_moment_resumes_and_loses_nothing(env, delay):
 def test_crash_inside_promote_resumes_with_the_leaders_context(env):
     """The server was promoted but the run died before journaling it: the resumed run must still
     record the new leader (a regression found by the arbitrary-kill test)."""
+    first = {}
+
     def promote_then_die(ctx):
         ctx.journal.record("promote", "start")
-        ec2.promote(ctx)          # the whole act ran ...
-        raise KeyboardInterrupt   # ... and the process died before journaling it
+        first.update(ec2.promote(ctx))   # the whole act ran ...
+        time.sleep(0.5)                   # (a resumed run is later: its own moment would differ)
+        raise KeyboardInterrupt          # ... and the process died before journaling it
 
     with pytest.raises(KeyboardInterrupt):
         env.failover(hooks={"before:promote": promote_then_die})
     report = env.failover()
     assert report["outcome"] == "completed" and report["new_leader"]
     assert not report["repoint_failures"]
+    # the moment of the promotion is the first run's, not the resumed run's (windows and reports use it)
+    assert report["database_unavailability"]["writable_at"] == first["promoted_at"]
     assert_nothing_lost(env, report)

@@ -6,6 +6,7 @@ acknowledged write."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import threading
@@ -15,7 +16,7 @@ import psycopg
 import pytest
 
 from runbook import pooler as pooler_mod
-from runbook.errors import ConfigError, StepError
+from runbook.errors import ConfigError, DatabaseError, StepError
 from runbook.failover import aurora as aurora_plan
 from runbook.failover import ec2
 from runbook.failover.run import failover_aurora
@@ -33,7 +34,9 @@ BOOT = 4.0   # the dynos' boot after a config-var change: a url switch would sho
 def env():
     root = make_root()
     e = Env(root, pooler=True)
-    e.settings = dataclasses.replace(e.settings, switch_mode="pooler", pause_timeout=3.0)
+    # the runs where `invoke ... --stack local` (e.invoke) keeps them too: <state_dir>/local
+    e.settings = dataclasses.replace(e.settings, switch_mode="pooler", pause_timeout=3.0,
+                                     state_dir=root / "state" / "local")
     e.sb.app().set_boot_seconds(BOOT)
     e.restore()
     yield e
@@ -55,8 +58,10 @@ def test_both_hops_through_the_pooler_hold_clients_and_restart_nothing(env):
     assert pooler_mod.points_at_pooler(p, e.app_url())                  # DATABASE_URL names the pooler, once
     assert pooler_target(e) == f"{leader.host}:{leader.port}/app"
     w, d = report["write_unavailability"], report["database_unavailability"]
-    # the switch restarted nothing: the app's gap is shorter than one boot, and its clients were held, not refused
-    assert w["seconds"] is not None and w["seconds"] < BOOT, w
+    # the switch restarted nothing (counted from the dynos' logs, not timed: a loaded machine stretches any gap):
+    # the one restart is pooler_in's, before the window; and the clients were held, not refused
+    assert w["seconds"] is not None, w
+    assert len([ln for ln in _app_logs(e, "web.1") if "booting (restart)" in ln]) == 1
     assert d["seconds"] is not None and d["seconds"] <= w["seconds"] + 0.5, (d, w)
     assert report["client_errors"] == 0 and report["longest_held_query_seconds"] > 0.05, report
     assert report["missing_on_target"] == 0
@@ -65,6 +70,19 @@ def test_both_hops_through_the_pooler_hold_clients_and_restart_nothing(env):
     shown = gather(e.outputs, timeout=5, sample_seconds=0.2)["pooler"]
     assert shown["app_uses_it"] is True and shown["nodes"][0]["target"] == f"{leader.host}:{leader.port}/app"
     assert shown["nodes"][0]["paused"] is False and shown["nodes"][0]["clients_waiting"] == 0
+    # the sandbox's pooler admitted tern_admin only, as on AWS: pooler_auth put the app role's verifier (read on
+    # a replica) in its auth file, and nothing tern keeps holds it
+    auth = next(s for s in report["steps"] if s["name"] == "pooler_auth")
+    assert auth["outcome"] == "done" and "pooler-a: app's verifier written in" in auth["detail"], auth
+    secret = e.sb.node("source").query_one("SELECT rolpassword AS v FROM pg_authid WHERE rolname = 'app'")["v"]
+    assert f'"app" "{secret}"' in open(p.nodes[0].auth_file).read()
+    # running failover-ec2 again: the completed pooler-mode hop 1 is recognised (not run against the sealed source)
+    again = e.invoke("failover-ec2", "--yes", "--json")
+    assert again.returncode == 0 and "already done" in again.stderr, again.stderr[-1500:]
+    assert json.loads(again.stdout[again.stdout.index("{"):])["run_id"] == report["run_id"]
+    for path in (e.root / "state").rglob("*"):
+        if path.is_file():
+            assert secret not in path.read_text(errors="replace"), path
 
     time.sleep(1.0)
     setup = replicate_aurora(e.outputs, e.settings, replica_identity_full=True)
@@ -77,7 +95,7 @@ def test_both_hops_through_the_pooler_hold_clients_and_restart_nothing(env):
     assert pooler_target(e) == f"{a.writer_endpoint}:{a.port}/{a.database}"
     assert pooler_mod.points_at_pooler(p, e.app_url())                  # no config-var change at hop 2
     w2 = hop2["write_unavailability"]
-    assert w2["seconds"] is not None and w2["seconds"] < BOOT and hop2["client_errors"] == 0, hop2
+    assert w2["seconds"] is not None and hop2["client_errors"] == 0, hop2
     # no restart at hop 2: no config-var change, so no dyno booted again after hop 1's pooler_in
     # and back: rollback-aurora through the pooler too, to the EC2 leader failover-aurora's journal names
     from runbook.failover import rollback as rollback_plan
@@ -88,7 +106,7 @@ def test_both_hops_through_the_pooler_hold_clients_and_restart_nothing(env):
     assert back["outcome"] == "completed", back.get("reason")
     assert [s["name"] for s in back["steps"]] == rollback_plan.POOLER_STEP_NAMES
     assert pooler_target(e) == f"{leader.host}:{leader.port}/app" and pooler_mod.points_at_pooler(p, e.app_url())
-    assert back["client_errors"] == 0 and back["write_unavailability"]["seconds"] < BOOT, back
+    assert back["client_errors"] == 0 and back["write_unavailability"]["seconds"] is not None, back
     restarts = [ln for ln in _app_logs(e, "web.1") if "booting (restart)" in ln]
     assert len(restarts) == 1, restarts         # once, at pooler_in (hop 1, before the window), never at a switch
     assert_nothing_lost(e, back)
@@ -120,7 +138,13 @@ def test_a_transaction_that_holds_pause_past_its_bound_falls_back_and_loses_noth
     assert pooler_target(e) == f"127.0.0.1:{source.port}/app"          # still the source
     assert source.query("SELECT 1 FROM warehouses WHERE code = 'HOLD'", database="app")
     assert not any(a.paused("app") for a in pooler_mod.admins(e.outputs.pooler, 5))
-    time.sleep(1.5)                             # the app writes again through the pooler, on the source
+    # pooler_in and pooler_auth reverted: the app writes on the source directly, and the pooler admits its role
+    # no more (its verifier out of the auth file tern wrote)
+    source_url = e.app_url()
+    assert not pooler_mod.points_at_pooler(e.outputs.pooler, source_url)
+    with pytest.raises(DatabaseError, match="does not let the app's role through"):
+        pooler_mod.check_app_login(e.outputs.pooler, pooler_mod.app_url(e.outputs.pooler, source_url), timeout=5)
+    time.sleep(1.5)                             # the app writes again, on the source
     assert_nothing_lost(e)
 
 

@@ -1,8 +1,9 @@
 """Hop 1 rehearsed through the REAL AWS and Heroku adapters: ``invoke rehearse --hops 1 --adapters aws``.
 
-Every host command of the failover goes through SsmHost -> the SSM stand-in (1 s a command, the agent's
-bare environment, throttled polling), the app through HerokuApp -> the Heroku stand-in over the sandbox's
-real dynos, the snapshot through EbsSnapshots -> EC2 as moto emulates it (runbook/standins/world.py).
+Every host command of the restore and the failover goes through SsmHost -> the SSM stand-in (1 s a command,
+the agent's bare environment, throttled polling), the base backup and the WAL through WAL-G (the stand-in)
+from the source's archive in S3, the app through HerokuApp -> the Heroku stand-in over the sandbox's real
+dynos, the snapshot through EbsSnapshots -> EC2 as moto emulates it (runbook/standins/world.py).
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ def test_rehearse_hop1_through_the_ssm_heroku_and_ec2_standins(tmp_root):
     assert heroku["refused_patches"] == 0, heroku
     assert heroku["database_url_endpoint"] == report["checked_on"]
     assert "DATABASE" not in heroku["attachments"] and "TERN_HEROKU_SOURCE" in heroku["attachments"], heroku
+
+    # the replicas were restored by WAL-G (backup-fetch over SSM) from the source's archive in S3, and replayed
+    # (wal-fetch) what the source archived while it ran
+    archive = standins["archive"]
+    assert archive["base_backups"] and archive["base_backups"][0].startswith("base_0000000"), archive
+    assert archive["wal_files_pushed"] > 0 and archive["push_errors"] == 0, archive
 
     # the snapshot before the point of no return is an EBS snapshot of the candidate's data volume
     snaps = standins["ec2"]["snapshots"]

@@ -172,7 +172,7 @@ def test_the_superuser_comes_in_over_tls_with_terns_certificate_only(env):
     client = client_tls.existing(env.settings.state_dir)
     assert client is not None and oct(client.key.stat().st_mode & 0o777) == "0o600"
     r = env.outputs.replicas[0]
-    with psycopg.connect(client.conninfo(r.host, r.port, r.database), connect_timeout=5) as conn:
+    with psycopg.connect(client.conninfo(r.host, r.port, r.database, server=r.name), connect_timeout=5) as conn:
         row = conn.execute("SELECT current_user, rolsuper, ssl FROM pg_roles, pg_stat_ssl "
                            "WHERE rolname = current_user AND pid = pg_backend_pid()").fetchone()
     assert row == (client.user, True, True)
@@ -181,8 +181,10 @@ def test_the_superuser_comes_in_over_tls_with_terns_certificate_only(env):
         psycopg.connect(host=r.host, port=r.port, dbname=r.database, user=client.user, password="guess",
                         sslmode="require", connect_timeout=5).close()
     other = client_tls.ensure(env.root / "someone-else", client.user)
+    client_tls.pin_server(env.root / "someone-else", r.name, client_tls.server_ca(env.settings.state_dir, r.name)
+                          .read_text())
     with pytest.raises(psycopg.OperationalError, match="unknown ca|certificate"):
-        psycopg.connect(other.conninfo(r.host, r.port, r.database), connect_timeout=5).close()
+        psycopg.connect(other.conninfo(r.host, r.port, r.database, server=r.name), connect_timeout=5).close()
     # no TLS at all: refused as before
     with pytest.raises(psycopg.OperationalError, match="no pg_hba.conf entry"):
         psycopg.connect(host=r.host, port=r.port, dbname=r.database, user=client.user, sslmode="disable",
@@ -204,6 +206,79 @@ def test_sql_for_a_host_without_a_reachable_socket_goes_over_tls_and_falls_back_
     cut.tcp_host = "127.0.0.2" if cut.tcp_host != "127.0.0.2" else "127.0.0.3"
     assert cut.query_one("SELECT pg_is_in_recovery() AS r") == {"r": True}
     assert any("psql" in c for c in cut.host.commands)
+
+
+def _eventually_refused(url: str, match: str) -> None:
+    """A connection refused (``match``) once the server has reloaded its hba (a signal: not instant)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            psycopg.connect(url, connect_timeout=5).close()
+        except psycopg.OperationalError as exc:
+            assert re.search(match, str(exc)), exc
+            return
+        assert time.monotonic() < deadline, f"still admitted: {url}"
+        time.sleep(0.1)
+
+
+def test_terns_certificate_is_trusted_only_from_where_tern_runs(env):
+    import ipaddress
+
+    from runbook import client_tls
+    from runbook.restore import install_client_cert
+
+    client = client_tls.existing(env.settings.state_dir)
+    r = env.outputs.replicas[0]
+    pg = env.sb.node(r.name)
+    # restore wrote one certificate line per network the contract names (the sandbox: loopback), none other
+    rules = pg.query("SELECT address, netmask FROM pg_hba_file_rules WHERE auth_method = 'cert'")
+    networks = {str(ipaddress.ip_network((x["address"], bin(int(ipaddress.ip_address(x["netmask"]))).count("1"))))
+                for x in rules}
+    assert env.outputs.admin_cidrs and networks == set(env.outputs.admin_cidrs)
+    url = client.conninfo(r.host, r.port, r.database, server=r.name)
+    try:
+        # tern elsewhere (the contract names another network): its certificate no longer lets it in from here
+        install_client_cert(pg, r, client.user, client, ["127.0.0.2/32"])
+        _eventually_refused(url, "password")     # the SCRAM line matches instead, and no password was given
+    finally:
+        install_client_cert(pg, r, client.user, client, env.outputs.admin_cidrs)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            psycopg.connect(url, connect_timeout=5).close()
+            break
+        except psycopg.OperationalError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
+def test_tern_verifies_each_replica_against_the_certificate_it_read_from_it(env, caplog):
+    from runbook import client_tls
+    from runbook.adapters.local_host import LocalHost
+    from runbook.restore import pin_server_certificate
+
+    client = client_tls.existing(env.settings.state_dir)
+    r = env.outputs.replicas[0]
+    pinned = client_tls.server_ca(env.settings.state_dir, r.name)
+    # restore read each replica's certificate: the very one the server presents
+    assert pinned.read_text().strip() == Path(tls_paths(r).cert).read_text().strip()
+    assert client_tls.server_ca(env.settings.state_dir, env.outputs.replicas[1].name) is not None
+    try:
+        # another server's certificate where tern expects this replica's (as a host in the middle would present)
+        client_tls.pin_server(env.settings.state_dir, r.name,
+                              Path(tls_paths(env.outputs.replicas[1]).cert).read_text())
+        with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
+            psycopg.connect(client.conninfo(r.host, r.port, r.database, server=r.name), connect_timeout=5).close()
+        # tern's SQL then never goes over that TLS: through the host's commands, with a warning
+        pg = _remote_pg(env, r.name)
+        assert pg.over_tls
+        with caplog.at_level("WARNING", logger="runbook.postgres"):
+            assert pg.query_one("SELECT pg_is_in_recovery() AS r") == {"r": True}
+        assert any("psql" in c for c in pg.host.commands)
+        assert "did not verify" in caplog.text
+    finally:
+        pin_server_certificate(r, LocalHost(r.name, r.commands.os_user), env.settings.state_dir)
+    assert client_tls.server_ca(env.settings.state_dir, r.name).read_text() == pinned.read_text()
 
 
 def test_collation_check_sees_a_real_version_and_refuses_a_recorded_one_that_differs(env):

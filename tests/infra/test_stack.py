@@ -7,6 +7,8 @@ an undecorated test would pass without its assertions ever running.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pulumi
@@ -16,6 +18,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "pw-from-config-secret-4f1c"
 ADMIN_SECRET = "admin-pw-from-config-secret-9d2b"
+# tern:walg_sha256 is set by each operator, not committed (infra/binaries.py): the tests stand in a digest of their own
+TEST_WALG_SHA256 = "93f1d5f2a78f14eda725ed8214446efa27487877abecd2fcec0ba7d97a3b6680"
 
 
 class Mocks(pulumi.runtime.Mocks):
@@ -67,6 +71,7 @@ def stack_config(stack: str, **overrides):
 
 
 def build_with_mocks(stack_name: str, **overrides):
+    overrides.setdefault("walg_sha256", TEST_WALG_SHA256)
     mocks = Mocks()
     pulumi.runtime.set_mocks(mocks, project="tern", stack=stack_name, preview=False)
     from infra.stack import build
@@ -252,12 +257,14 @@ def test_config_guards():
 
 
 def test_both_stack_files_set_every_key():
-    from infra.config import KEY_TYPES, OPTIONAL_KEYS
+    from infra.config import KEY_TYPES, OPERATOR_KEYS, OPTIONAL_KEYS
 
     for stack in ("dev", "prod"):
         data = yaml.safe_load((ROOT / f"Pulumi.{stack}.yaml").read_text())["config"]
-        missing = [k for k in KEY_TYPES if f"tern:{k}" not in data and k not in OPTIONAL_KEYS]
+        missing = [k for k in KEY_TYPES if f"tern:{k}" not in data and k not in OPTIONAL_KEYS + OPERATOR_KEYS]
         assert not missing, (stack, missing)
+        # what each operator must set (the pinned WAL-G checksum) is never a committed stand-in value
+        assert not [k for k in OPERATOR_KEYS if f"tern:{k}" in data], stack
         assert "tern:replication_password" in data and "secure" in data["tern:replication_password"]
         assert "tern:pooler_admin_password" in data and "secure" in data["tern:pooler_admin_password"]
         # the pooler's keys have defaults, but each stack file says what it runs
@@ -508,6 +515,7 @@ def test_outputs_export_the_pooler_in_the_contracts_shape(built):
             assert (node.commands.output_bucket, node.commands.output_prefix) == \
                 ("tern-replicas-ssm-output-8f2e1a", "tern/ssm")                # the replicas' bucket, reused
             assert node.databases_file == "/etc/pgbouncer/tern-databases.ini"
+            assert node.auth_file == "/etc/pgbouncer/userlist.txt"    # where tern adds the app role's verifier
         assert ADMIN_SECRET not in json.dumps(outputs)
         return True
 
@@ -810,3 +818,226 @@ def test_pooler_config_guards():
     # off: none of the pooler's keys is needed
     off = from_mapping({**ok, "tern:pooler": False, "tern:admin_cidrs": []})
     assert off.pooler is False and off.pooler_admin_password is None
+
+
+# -- what the replicas download is pinned and verified before it is installed (infra/binaries.py) ---------------
+
+def replica_user_data(mocks) -> str:
+    import base64
+
+    (_, lt), = of_type(mocks, "aws:ec2/launchTemplate:LaunchTemplate")
+    return base64.b64decode(lt["userData"]).decode()
+
+
+@pulumi.runtime.test
+def test_replica_user_data_installs_only_what_its_pins_verify(built):
+    import re
+
+    from infra import binaries
+
+    _, stack, mocks = built
+
+    def check(_):
+        text = replica_user_data(mocks)
+        lines = text.splitlines()
+
+        def at(pattern: str) -> int:
+            found = [i for i, line in enumerate(lines) if re.search(pattern, line)]
+            assert len(found) == 1, (pattern, found)
+            return found[0]
+
+        # WAL-G: downloaded, checked against the configured SHA-256, only then unpacked and installed
+        get = at(r"^curl .* -o /tmp/wal-g\.tar\.gz 'https://github\.com/wal-g/wal-g/releases/download/v3\.0\.5/"
+                 r"wal-g-pg-ubuntu-22\.04-amd64\.tar\.gz'$")
+        pin = at(rf"^echo '{TEST_WALG_SHA256}  /tmp/wal-g\.tar\.gz' > /tmp/wal-g\.tar\.gz\.sha256$")
+        verify = at(r"^sha256sum -c /tmp/wal-g\.tar\.gz\.sha256 \|\| \{ echo .*>&2; exit 1; \}$")
+        unpack = at(r"^tar -xzf /tmp/wal-g\.tar\.gz ")
+        install = at(r"^install -m 0755 .* /usr/local/bin/wal-g$")
+        assert get < pin < verify < unpack < install
+        # PGDG's key: kept only when its fingerprint is the pinned one, before apt is pointed at the repository
+        key = at(r"^curl .* -o /tmp/pgdg\.asc https://www\.postgresql\.org/media/keys/ACCC4CF8\.asc$")
+        fpr = at(rf'^\[ "\$fpr" = "{binaries.PGDG_KEY_FINGERPRINT}" \] \|\| \{{ echo .*>&2; exit 1; \}}$')
+        keep = at(rf"^install -m 0644 /tmp/pgdg\.asc {binaries.PGDG_KEYRING} ")
+        repo = at(r"^echo \"deb \[signed-by=/usr/share/postgresql-common/pgdg/apt\.postgresql\.org\.asc\]")
+        assert key < fpr < keep < repo
+        # nothing else is fetched outside apt, and the script stops at the first failure
+        assert [i for i, line in enumerate(lines) if re.search(r"(^|[;&|(]\s*)(curl|wget)\s", line)] == [key, get]
+        assert "set -euo pipefail" in lines[:3]
+        return True
+
+    return all_registered(stack).apply(check)
+
+
+@pytest.mark.parametrize("stack_name", ["dev", "prod"])
+@pulumi.runtime.test
+def test_walg_mirror_and_version_come_from_the_config(stack_name):
+    stack, mocks = build_with_mocks(stack_name, walg_version="v3.0.7",
+                                    walg_url="https://mirror.example.internal/tern/wal-g-v3.0.7.tar.gz")
+
+    def check(_):
+        text = replica_user_data(mocks)
+        assert "curl -fsSL --retry 5 --retry-connrefused -o /tmp/wal-g.tar.gz " \
+               "'https://mirror.example.internal/tern/wal-g-v3.0.7.tar.gz'" in text
+        assert "github.com" not in text and "# WAL-G v3.0.7, pinned" in text
+        return True
+
+    return all_registered(stack).apply(check)
+
+
+def test_no_walg_checksum_no_stack_and_bad_pins_are_refused():
+    from infra.config import from_mapping
+
+    with pytest.raises(ValueError, match=r"tern:walg_sha256 is not set.*pulumi config set tern:walg_sha256"):
+        build_with_mocks("dev", walg_sha256=None)
+    data = yaml.safe_load((ROOT / "Pulumi.dev.yaml").read_text())["config"]
+    values = {k: v for k, v in data.items() if k.startswith("tern:") and not k.endswith("_password")}
+    for bad in ("abc", "g" * 64, TEST_WALG_SHA256 + "0", "sha256:" + TEST_WALG_SHA256):
+        with pytest.raises(ValueError, match="tern:walg_sha256 must be the 64 hex digits"):
+            from_mapping({**values, "tern:walg_sha256": bad}, pooler_admin_password="x")
+    assert from_mapping({**values, "tern:walg_sha256": TEST_WALG_SHA256.upper()},
+                        pooler_admin_password="x").walg_sha256 == TEST_WALG_SHA256
+    for bad in ("http://mirror.example/wal-g.tar.gz", "https://m.example/w.tar.gz'; curl evil", "s3://bucket/w.tgz"):
+        with pytest.raises(ValueError, match="tern:walg_url must be a plain https:// URL"):
+            from_mapping({**values, "tern:walg_url": bad}, pooler_admin_password="x")
+    with pytest.raises(ValueError, match="tern:walg_version must be a release tag"):
+        from_mapping({**values, "tern:walg_version": "latest"}, pooler_admin_password="x")
+
+
+@pytest.fixture
+def fake_curl(tmp_path, monkeypatch):
+    """``curl ... -o FILE URL`` that writes what the test put in ``served`` instead of going to the network."""
+    served = tmp_path / "served"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "curl").write_text('#!/bin/sh\nwhile [ $# -gt 0 ]; do [ "$1" = -o ] && out=$2; shift; done\n'
+                                  f'cp {served} "$out"\n')
+    (bin_dir / "curl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return served
+
+
+def run_bash(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", "set -euo pipefail\n" + script], capture_output=True, text=True, timeout=60)
+
+
+def test_walg_is_installed_only_when_the_download_matches_its_sha256(tmp_path, fake_curl):
+    import hashlib
+    import io
+    import tarfile
+
+    from infra.binaries import WALG_ASSET, walg_install
+
+    binary = b"#!/bin/sh\necho wal-g v3.0.5\n"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo(WALG_ASSET)
+        info.size, info.mode = len(binary), 0o755
+        tar.addfile(info, io.BytesIO(binary))
+    fake_curl.write_bytes(buf.getvalue())
+    good = hashlib.sha256(buf.getvalue()).hexdigest()
+    work, dest = tmp_path / "work", tmp_path / "wal-g"
+    work.mkdir()
+
+    # a download that is not the pinned one (tampered, truncated, another version): the boot stops, nothing installed
+    res = run_bash(walg_install(version="v3.0.5", sha256=hashlib.sha256(b"other").hexdigest(), workdir=str(work),
+                                dest=str(dest)) + "echo after\n")
+    assert res.returncode == 1 and "after" not in res.stdout
+    assert "does not match tern:walg_sha256" in res.stderr and "WAL-G NOT installed, boot stopped" in res.stderr
+    assert not dest.exists() and not (work / WALG_ASSET).exists()
+
+    res = run_bash(walg_install(version="v3.0.5", sha256=good, workdir=str(work), dest=str(dest)))
+    assert res.returncode == 0, res.stderr
+    assert dest.read_bytes() == binary and os.stat(dest).st_mode & 0o777 == 0o755
+    assert sorted(p.name for p in work.iterdir()) == []          # the tarball and its checksum file are gone
+
+
+def test_the_pgdg_key_is_kept_only_when_it_is_the_pinned_one(tmp_path, fake_curl):
+    from infra.binaries import pgdg_key_install
+
+    dest = tmp_path / "keys" / "apt.postgresql.org.asc"
+    work = tmp_path / "work"
+    work.mkdir()
+    script = pgdg_key_install(workdir=str(work), dest=str(dest)) + "echo after\n"
+    # another key (as a compromised download or a man in the middle would serve) and something that is no key
+    home = tmp_path / "gnupg"
+    home.mkdir(mode=0o700)
+    env = dict(os.environ, GNUPGHOME=str(home))
+    subprocess.run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key", "Not PGDG <x@example.invalid>", "ed25519",
+                    "sign", "never"], env=env, check=True, capture_output=True, timeout=60)
+    other = subprocess.run(["gpg", "--armor", "--export", "x@example.invalid"], env=env, check=True,
+                           capture_output=True, timeout=60).stdout
+    for served in (other, b"<html>captive portal</html>"):
+        fake_curl.write_bytes(served)
+        res = run_bash(script)
+        assert res.returncode == 1 and "after" not in res.stdout, res.stderr
+        assert "is not the pinned PGDG key B97B0AFCAA1A47F044F244A07FCC7D46ACCC4CF8" in res.stderr
+        assert not dest.exists()
+    # the real key, as Debian's postgresql-common ships it: kept
+    shipped = Path("/usr/share/postgresql-common/pgdg/apt.postgresql.org.asc")
+    if not shipped.exists():
+        pytest.skip("postgresql-common's copy of the PGDG key is not installed here")
+    fake_curl.write_bytes(shipped.read_bytes())
+    res = run_bash(script)
+    assert res.returncode == 0 and "after" in res.stdout, res.stderr
+    assert dest.read_bytes() == shipped.read_bytes()
+
+
+@pulumi.runtime.test
+def test_walg_env_dir_is_the_one_the_replicas_user_data_writes(built):
+    """restore runs ``envdir <archive.env_dir> wal-g ...`` on the replicas: the directory the outputs name is the
+    one the user data fills (WALG_S3_PREFIX with the configured bucket and prefix), and envdir is installed."""
+    import re
+
+    stack_name, stack, mocks = built
+    from runbook.contract import parse
+
+    def check(values):
+        archive = parse(values[0], origin=f"stack {stack_name}").source.archive
+        text = replica_user_data(mocks)
+        assert archive.kind == "s3"
+        prefix = re.search(rf'^echo "(s3://[^"]+)" > {re.escape(archive.env_dir)}/WALG_S3_PREFIX$', text, re.M)
+        assert prefix and prefix.group(1) == archive.location, (archive, prefix)
+        assert re.search(rf"^echo \"[a-z0-9-]+\" > {re.escape(archive.env_dir)}/AWS_REGION$", text, re.M)
+        assert re.search(r"^apt-get install .*\bdaemontools\b", text, re.M)    # envdir
+        return True
+
+    return pulumi.Output.all(stack.outputs, all_registered(stack)).apply(check)
+
+
+@pulumi.runtime.test
+def test_the_example_outputs_file_has_the_shape_the_program_exports():
+    """examples/outputs.example.json (README: try the runbook offline) names every key a deployed dev stack
+    exports, and no other: a key added to infra/stack.py must be added there too."""
+    stack, _ = build_with_mocks("dev")
+    example = json.loads((ROOT / "examples" / "outputs.example.json").read_text())
+
+    def shape(value):
+        if isinstance(value, dict):
+            return {k: shape(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [shape(value[0])] if value and isinstance(value[0], (dict, list)) else "list"
+        return "value"
+
+    def check(outputs):
+        assert shape(example) == shape(outputs)
+        return True
+
+    return pulumi.Output.from_input(stack.outputs).apply(check)
+
+
+@pulumi.runtime.test
+def test_replicas_admit_terns_certificate_only_from_admin_cidrs(built):
+    """The outputs carry tern:admin_cidrs (restore writes the replicas' certificate hba line for these
+    networks only, runbook/client_tls.py), and the replicas' group lets tern reach 5432 from them."""
+    stack_name, stack, mocks = built
+
+    def check(outputs):
+        cfg = stack_config(stack_name)
+        assert cfg.admin_cidrs and outputs["admin_cidrs"] == cfg.admin_cidrs
+        replicas = dict(of_type(mocks, "aws:ec2/securityGroup:SecurityGroup"))["tern-replicas"]["ingress"]
+        tern = [r for r in replicas if "client certificate" in (r.get("description") or "")]
+        assert [(r.get("cidrBlocks"), r["fromPort"], r["toPort"]) for r in tern] == [(cfg.admin_cidrs, 5432, 5432)]
+        return True
+
+    return pulumi.Output.all(pulumi.Output.from_input(stack.outputs), all_registered(stack)).apply(
+        lambda args: check(args[0]))

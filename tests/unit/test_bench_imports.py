@@ -54,3 +54,19 @@ def test_switch_bench_arguments_and_figures():
               "missing_on_target": 0}
     assert m.figures(report) == {"outcome": "completed", "app": 1.2, "database": 0.8, "held": 1.1, "errors": 0,
                                  "missing": 0}
+
+
+def test_drills_bench_arguments_plan_and_table():
+    m = bench("drills")
+    a = m.parse_args([])
+    assert (a.runs, a.hops, a.seed) == (5, [1, 2], 1000) and "slot-lost" in a.scenarios
+    for bad in (["--runs", "0"], ["--hops", "3"], ["--scenarios", "nope"], ["--hops", "x"]):
+        with pytest.raises(SystemExit):
+            m.parse_args(bad)
+    # hop-2-only scenarios are not planned for hop 1, and hop 1 comes first
+    assert m.plan(["slot-lost", "traffic-surge"], [1, 2]) == [("traffic-surge", 1), ("slot-lost", 2),
+                                                              ("traffic-surge", 2)]
+    row = {"scenario": "traffic-surge", "hop": 1, "runs": 5, "completed": 5, "fell_back": 0, "stopped": 0, "lost": 0,
+           "duplicates": 0, "post_fence": 0, "failed": 0, "median_seconds": 9.5, "max_seconds": 12.0}
+    text = m.table([row])
+    assert "post-fence" in text.splitlines()[0] and "traffic-surge" in text.splitlines()[1]

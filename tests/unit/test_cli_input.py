@@ -69,6 +69,11 @@ def assert_bad_input(res: subprocess.CompletedProcess, *needles: str) -> None:
     (["rehearse", "--rate", "abc"], "--rate must be a number"),
     (["rehearse", "--scale", "0"], "--scale must be between 1 and"),
     (["rehearse", "--dataset", "x"], "unknown dataset 'x'"),
+    # a bad flag is named before any look at the environment (here: no sandbox up)
+    (["failover-ec2", "--switch", "dns"], "--switch is pooler or url, not 'dns'"),
+    (["failover-ec2", "--switch", "dns", "--dry-run"], "--switch is pooler or url, not 'dns'"),
+    (["failover-aurora", "--switch", "dns"], "--switch is pooler or url, not 'dns'"),
+    (["rehearse", "--switch", "dns"], "--switch is pooler or url, not 'dns'"),
     (["report", "--run", "../../etc"], "--run must be a run id"),
     (["report", "--run", "failover-ec2-1-1"], "no run 'failover-ec2-1-1'"),
     (["outputs", "--stack", ""], "--stack must be a non-empty name"),

@@ -76,3 +76,17 @@ def test_files(tmp_path):
     assert load(str(p), tmp_path).stack == "dev"
     with pytest.raises(ContractError, match="sandbox is not up"):
         load("local", tmp_path / "no-sandbox")
+
+
+def test_the_committed_example_parses_and_loads_as_a_stack_file():
+    """examples/outputs.example.json: what the README offers to try the runbook offline (`--stack FILE.json`)."""
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "outputs.example.json"
+    o = load(str(example), Path("/nonexistent-sandbox"))
+    assert o.stack == "dev" and o.rehearsal is True
+    assert [r.commands.kind for r in o.replicas] == ["ssm", "ssm"] and o.app.kind == "heroku"
+    assert o.aurora.api is not None and o.aurora.api.kind == "rds" and o.pooler is not None and o.dms is not None
+    # references only, as a real stack exports them: nothing in it is a credential
+    for ref in (o.app.api_key, o.aurora.master_password, o.pooler.admin_password, o.credentials.replication_password):
+        assert ref.split(":", 1)[0] in ("env", "aws-secretsmanager")

@@ -369,13 +369,16 @@ def test_checkpoint_outside_a_run_is_refused():
 
 
 def test_no_step_writes_the_journal_behind_the_runners_back():
-    """Only the runner (and the journal itself) call Journal.record; steps use ctx.checkpoint()."""
+    """Only the runner (and the journal itself) call Journal.record; steps use ctx.checkpoint().
+
+    rehearsal_stack.py is a runner too: its teardown after a failed phase is its fallback, recorded
+    outside any step as the Runner records its own."""
     import pathlib
     import re
 
     root = pathlib.Path(__file__).parents[2] / "runbook"
     offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
-                 if p.name not in ("steps.py", "journal.py") and re.search(r"\.record\(", p.read_text())]
+                 if p.name not in ("steps.py", "journal.py", "rehearsal_stack.py") and re.search(r"\.record\(", p.read_text())]
     assert offenders == []
 
 

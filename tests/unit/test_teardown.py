@@ -56,7 +56,7 @@ def test_dev_is_destroyed_then_removed(fake_pulumi):
     res = invoke(env, "teardown", "--stack", "dev", "--yes")
     assert res.returncode == 0, res.stderr
     assert calls(log) == ["stack output --json -s dev", "destroy --yes --non-interactive -s dev",
-                          "stack rm --yes --non-interactive -s dev"]
+                          "stack rm --yes --non-interactive --preserve-config -s dev"]
 
 
 def test_live_outputs_must_agree(fake_pulumi):
@@ -104,3 +104,21 @@ def test_empty_or_unreadable_live_outputs_are_refused(fake_pulumi, monkeypatch, 
     with pytest.raises(PreflightError, match=f"refusing to tear down 'dev': .*{why}"):
         check_rehearsal("dev", ROOT)
     assert calls(log) == ["stack output --json -s dev"]       # asked, and nothing destroyed
+
+
+def test_teardown_removes_terns_client_certificate_for_the_stack_only(fake_pulumi, tmp_path):
+    """The replicas that trusted it are destroyed (their hba goes with the instance's root volume); tern's
+    key for that stack goes too, the runs stay, and another stack's certificate is untouched."""
+    from runbook import client_tls
+
+    env, log = fake_pulumi
+    state = tmp_path / "state"
+    env["INVOKE_TERN_STATE_DIR"] = str(state)
+    for stack in ("dev", "local"):
+        client_tls.pin_server(state / stack, "ec2-a", client_tls.ensure(state / stack, "postgres").pem)
+    (state / "dev" / "runs").mkdir()
+    res = invoke(env, "teardown", "--stack", "dev", "--yes")
+    assert res.returncode == 0, res.stderr
+    assert not (state / "dev" / "tls").exists() and (state / "dev" / "runs").is_dir()
+    assert client_tls.existing(state / "local") is not None
+    assert "client certificate for dev removed" in res.stderr
