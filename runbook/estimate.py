@@ -70,13 +70,20 @@ def _number(name: str, raw: Any, what: str) -> tuple[float, str]:
     value = float(m.group(1))
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{_flag(name)} must be greater than 0, got {raw!r}")
-    return value, m.group(2).lower()
+    return value, m.group(2)
+
+
+def _bits_spelling(unit: str) -> bool:
+    """``Gb``, ``Mb``: a lower-case b after an upper-case prefix means bits, as network speeds are written
+    (``gb`` in lower case stays bytes, as people write sizes)."""
+    return len(unit) == 2 and unit[1] == "b" and unit[0] in "KMGTP"
 
 
 def parse_size(name: str, raw: Any) -> int:
     """``1.4TB``, ``500GB``, ``1.4TiB``, ``123456`` (bytes) -> bytes; decimal units (TB = 10^12) as Heroku
     and AWS print them, binary ones (TiB) as PostgreSQL's pg_size_pretty does. Else ConfigError naming ``name``."""
     value, unit = _number(name, raw, "a size such as 1.4TB, 500GB or 1.4TiB")
+    unit = unit.lower()      # a database's size is never given in bits: 1.4Tb means bytes here
     if unit not in _SIZE_UNITS:
         raise ConfigError(f"{_flag(name)}: unknown unit {unit!r} in {raw!r} (B, KB, MB, GB, TB, PB, or KiB ... PiB)")
     return int(value * _SIZE_UNITS[unit])
@@ -89,6 +96,9 @@ def parse_rate(name: str, raw: Any) -> float:
     if isinstance(text, str) and text.lower().endswith("/s"):
         text = text[:-2]
     value, unit = _number(name, text, "a rate such as 10Gbit, 1.25GB/s or 200 (MB/s)")
+    if _bits_spelling(unit):
+        unit = unit[0] + "bit"                   # 1Gb/s is a gigabit, as network speeds are written
+    unit = unit.lower()
     if unit == "":
         return value * MB
     if unit in _BIT_UNITS:
@@ -101,6 +111,7 @@ def parse_rate(name: str, raw: Any) -> float:
 def parse_duration(name: str, raw: Any, *, plain: str = "h") -> float:
     """Seconds: ``24h``, ``90min``, ``3s``, ``2d``; a plain number is in ``plain`` units."""
     value, unit = _number(name, raw, "a duration such as 24h, 90min or 3s")
+    unit = unit.lower()
     if unit and unit not in _DURATION_UNITS:
         raise ConfigError(f"{_flag(name)}: unknown unit {unit!r} in {raw!r} (s, min, h, d)")
     return value * _DURATION_UNITS[unit or plain]

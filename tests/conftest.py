@@ -14,6 +14,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Under pytest-xdist (./dev test runs 2 workers) each worker keeps its runs in a state directory of its own:
+# two tests on two workers must never share a run lock or a "current run" pointer. Sandboxes already take
+# their own ports (runbook/sandbox/build.py claims them) and directories.
+if os.environ.get("PYTEST_XDIST_WORKER") and not os.environ.get("INVOKE_TERN_STATE_DIR"):
+    os.environ["INVOKE_TERN_STATE_DIR"] = tempfile.mkdtemp(prefix=f"tern-state-{os.environ['PYTEST_XDIST_WORKER']}-",
+                                                          dir="/tmp")
+
+
 def _have_postgres() -> bool:
     try:
         from runbook.pg import bindir

@@ -51,6 +51,11 @@ def test_rates_and_durations():
     assert est.parse_rate("network", "1.25GB/s") == 1.25e9 and est.parse_rate("network", "200") == 200e6
     assert est.parse_duration("backup_age", "24h") == est.parse_duration("backup_age", "24") == 86400
     assert est.parse_duration("archive_latency", "3", plain="s") == 3 and est.parse_duration("x", "90min") == 5400
+    # a lower-case b is a bit, as network speeds are written: 1Gb/s is 125 MB/s, not 1 GB/s
+    assert est.parse_rate("network", "1Gb/s") == est.parse_rate("network", "1 Gb") == est.parse_rate("network", "1Gbit")
+    assert est.parse_rate("network", "1GB/s") == 8 * est.parse_rate("network", "1Gb/s")
+    assert est.parse_rate("network", "1gb") == est.parse_rate("network", "1GB")
+    assert est.parse_size("size", "1.4Tb") == est.parse_size("size", "1.4TB")
     with pytest.raises(ConfigError, match="--network: unknown unit"):
         est.parse_rate("network", "3furlongs")
     with pytest.raises(ConfigError, match="--backup-age: unknown unit"):
