@@ -109,6 +109,9 @@ class ReplicasArgs:
     wal_archive_prefix: str
     replication_secret_arn: pulumi.Input[str] | None = None
     protect: bool = False
+    # a rehearsal's data volumes go with their instances (pulumi destroy leaves nothing paid behind); prod keeps
+    # them past a termination, by hand or by accident
+    rehearsal: bool = False
     tags: dict[str, str] = field(default_factory=dict)
     # WAL-G, pinned (infra/binaries.py): the checksum has no default, so a stack without tern:walg_sha256 fails here
     walg_sha256: str | None = None
@@ -190,7 +193,7 @@ class Replicas(pulumi.ComponentResource):
                     volume_size=30, volume_type="gp3", encrypted="true", delete_on_termination="true")),
                 aws.ec2.LaunchTemplateBlockDeviceMappingArgs(device_name="/dev/xvdf", ebs=aws.ec2.LaunchTemplateBlockDeviceMappingEbsArgs(
                     volume_size=args.ebs_size_gb, volume_type="gp3", iops=args.ebs_iops, throughput=500,
-                    encrypted="true", delete_on_termination="false")),
+                    encrypted="true", delete_on_termination="true" if args.rehearsal else "false")),
             ],
             user_data=base64.b64encode(self.user_data.encode()).decode(),
             tag_specifications=[aws.ec2.LaunchTemplateTagSpecificationArgs(resource_type="volume", tags=args.tags)],

@@ -59,8 +59,8 @@ def build(cfg: StackConfig, stack_name: str) -> Stack:
         instance_type=cfg.instance_type, ebs_size_gb=cfg.ebs_size_gb, ebs_iops=cfg.ebs_iops, pg_major=cfg.pg_major,
         ami_id=ami, region=cfg.region, wal_archive_bucket=cfg.wal_archive_bucket,
         wal_archive_prefix=cfg.wal_archive_prefix, replication_secret_arn=replication_secret.arn,
-        protect=cfg.protect, tags=tags, walg_sha256=cfg.walg_sha256, walg_version=cfg.walg_version,
-        walg_url=cfg.walg_url))
+        protect=cfg.protect, rehearsal=cfg.rehearsal, tags=tags, walg_sha256=cfg.walg_sha256,
+        walg_version=cfg.walg_version, walg_url=cfg.walg_url))
     aurora = Aurora("tern-aurora", AuroraArgs(
         engine_version=cfg.aurora_engine_version, instance_class=cfg.aurora_instance_class,
         instance_count=cfg.aurora_instance_count, zones=cfg.zones, subnet_ids=subnets,

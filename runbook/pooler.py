@@ -323,19 +323,48 @@ def file_target(pooler: Pooler, node: PoolerNode) -> Target | None:
     return parse_databases(host_for(node).read_file(node.databases_file), pooler.database)
 
 
-def point(pooler: Pooler, target: Target, *, timeout: float) -> list[str]:
+def point(pooler: Pooler, target: Target, *, timeout: float, check_files: bool = False) -> list[str]:
     """Every node serves ``target``: its databases file names it and it was reloaded. Idempotent. Returns what
     it did per node.
 
     Each node is judged by what its running PgBouncer serves (``SHOW DATABASES``), not by its file: a node
     whose file was rewritten but not reloaded (tern killed between the two, a RELOAD lost) still serves the
     old database, and is reloaded now. The nodes are done at once (on AWS each file write is an SSM command,
-    about a second, inside the window)."""
+    about a second, inside the window).
+
+    A node whose admin console cannot be reached (stopped, its instance rebooting) still gets its file
+    rewritten through its command channel: PgBouncer reads the file when it starts, so it comes back serving
+    ``target``, never the database it served before (a process that is only hung keeps what it loaded until
+    a RELOAD: the detail says so). A node that neither answers nor takes the file is an error.
+
+    ``check_files`` (outside the window only: one more command per node): a node already serving ``target``
+    also gets its file checked, and rewritten if it names another database, so that a restart keeps it."""
+    text = databases_text(pooler.database, target)
+
+    def write(node: PoolerNode) -> None:
+        host_for(node).write_file(node.databases_file, text)
+
     def one(admin: Admin) -> str:
         node = admin.node
-        if admin.target(pooler.database) == target:
+        try:
+            serving = admin.target(pooler.database)
+        except DatabaseError as exc:
+            if "cannot reach its admin console" not in str(exc):
+                raise
+            try:
+                if file_target(pooler, node) != target:
+                    write(node)
+            except RunbookError as cmd:
+                raise DatabaseError(f"{exc}; its databases file could not be rewritten either ({cmd}): when it "
+                                    f"starts again it may serve the old database - point it at {target}") from None
+            return (f"{node.name} not running: {node.databases_file} names {target}, which it serves when it "
+                    "starts (if it is only hung, RELOAD it)")
+        if serving == target:
+            if check_files and file_target(pooler, node) != target:
+                write(node)
+                return f"{node.name} already -> {target} (its file named another database: rewritten)"
             return f"{node.name} already -> {target}"
-        host_for(node).write_file(node.databases_file, databases_text(pooler.database, target))
+        write(node)
         admin.command("RELOAD")
         now = admin.target(pooler.database)
         if now != target:
@@ -375,6 +404,26 @@ def resume_all(pooler: Pooler, *, connect_timeout: float, only: list[Admin] | No
     else:
         results = each(pooler, connect_timeout, one)
     return [str(r) for r in results if r is not None]
+
+
+def app_clients(pooler: Pooler, role: str, *, timeout: float) -> list[str]:
+    """The clients of ``role`` connected to the pooler's database now, per node (``SHOW CLIENTS``; tern's own
+    login checks left out): what still uses the pooler, e.g. dynos that have not restarted yet. A node whose
+    admin console cannot be reached is not running and has none; one that answers otherwise wrongly raises."""
+    def one(admin: Admin) -> list[str]:
+        try:
+            rows = admin.show("CLIENTS")
+        except DatabaseError as exc:
+            if "cannot reach its admin console" in str(exc):
+                return []
+            raise
+        return [f"{admin.node.name}: {r.get('addr')}:{r.get('port')} (since {r.get('connect_time')})" for r in rows
+                if r.get("user") == role and r.get("database") == pooler.database
+                and not str(r.get("application_name") or "").startswith("tern")]
+
+    results = each(pooler, timeout, one)
+    _raise_first(results)
+    return [c for r in results for c in r]
 
 
 def status(pooler: Pooler, timeout: float) -> list[dict[str, Any]]:

@@ -6,7 +6,8 @@ Before anything runs (a refusal here exits 2 and changes nothing):
   (:func:`runbook.teardown.check_marked`: never prod; ``Pulumi.<stack>.yaml`` exists and says
   ``tern:rehearsal: true``), and ``HEROKU_API_KEY`` is set (the failovers move the rehearsal app's
   ``DATABASE_URL``; the stack's outputs name the key ``env:HEROKU_API_KEY``);
-* ``pulumi stack select NAME``: the stack exists in the backend you are logged in to;
+* ``pulumi stack output --json -s NAME``: the stack exists in the backend you are logged in to (every
+  pulumi call names the stack with ``-s``: the operator's selected stack is never changed);
 * the config check (``pulumi config --json``, secrets blinded): every key ``infra/config.py`` reads, checked
   by its own ``from_mapping``; ``tern:rehearsal`` true in the effective config too; the two passwords set as
   secrets and no longer the committed placeholders; ``tern:walg_sha256`` set (``pulumi up`` refuses without).
@@ -16,12 +17,20 @@ Then one journaled run (``<state_dir>/<stack>/runs/rehearse-stack-*``), one step
 host's first-boot script finished, ``cloud-init status --wait`` as root: a script that failed - a pinned
 download whose checksum did not match stops it - stops the rehearsal here, saying where to look);
 ``restore``, ``failover-ec2``, ``replicate-aurora``, ``failover-aurora`` through the adapters the outputs name
-(SSM, Heroku, RDS); ``report`` (the hops' reports in one); ``teardown``: ``pulumi destroy`` under
-``invoke teardown``'s whole rule (:func:`~runbook.teardown.check_rehearsal`, live outputs included). The
-emptied stack and ``Pulumi.<stack>.yaml`` stay, so the next rehearsal runs with the same secrets;
+(SSM, Heroku, RDS); ``report`` (the hops' reports in one); ``app-back``: the rehearsal app back on its
+source, through the adapters the failovers use - the fence (and hop 1's seal) lifted on the source, its
+``DATABASE_URL`` set back to the source's URL (``TERN_SOURCE_DATABASE_URL``, kept by hop 1's switch), the
+config vars tern wrote removed, maintenance off; what the app wrote since hop 1 went to the stack and is
+discarded with it. When the app cannot be put back (the source unreachable), nothing is destroyed: the
+error says what to do. ``teardown``: ``pulumi destroy`` under ``invoke teardown``'s whole rule
+(:func:`~runbook.teardown.check_rehearsal`, live outputs included; a first ``pulumi up`` that failed
+half-way saves no outputs, so then the check this run made before its ``up`` stands in), then the EBS and
+Aurora snapshots this rehearsal's failovers took (by their run's label) are deleted (any left are named).
+The emptied stack and ``Pulumi.<stack>.yaml`` stay, so the next rehearsal runs with the same secrets;
 ``invoke teardown --stack NAME`` removes the stack itself.
 
-A failure once ``pulumi up`` has started tears the stack down (unless ``--keep``) and ends the run. When the
+A failure once ``pulumi up`` has started puts the app back and tears the stack down (unless ``--keep``) and
+ends the run. When the
 teardown fails too, the error says what is still up and the run stays open: the same command again retries
 the teardown and nothing else. A run killed half-way (the laptop died) resumes where it stopped: a step
 done is not run again; ``pulumi up`` cut short is checked with ``pulumi preview --expect-no-changes`` before
@@ -42,6 +51,7 @@ from typing import Any, Callable
 
 import yaml
 
+from .adapters import app_for as default_app_for
 from .adapters import host_for as default_host_for
 from .contract import Outputs, load_pulumi
 from .errors import CommandError, ConfigError, PreflightError, RunbookError, StepError, TimeoutExpired
@@ -55,11 +65,15 @@ KIND = "rehearse-stack"
 UP_TIMEOUT = 2 * 3600.0          # Aurora, DMS and the instances: typically 20-40 minutes
 DESTROY_TIMEOUT = 2 * 3600.0
 PREVIEW_TIMEOUT = 900.0
-READ_TIMEOUT = 120.0             # stack select, config, outputs, export
+READ_TIMEOUT = 120.0             # stack output, config, export
 READY_TIMEOUT = 45 * 60.0        # the hosts' first boot (apt, PostgreSQL, WAL-G) after `pulumi up`
 READY_INTERVAL = 15.0
 SECRET_KEYS = ("replication_password", "pooler_admin_password")
 PLACEHOLDER = "PLACEHOLDER"      # the committed stack files' stand-in for a secret (never decryptable)
+SOURCE_URL_VAR = "TERN_SOURCE_DATABASE_URL"   # the source's URL, kept by hop 1's switch (runbook/failover/ec2.py)
+# the config vars tern writes on the app (hop 1's and hop 2's rollback URLs): removed once the app is back
+TERN_APP_VARS = (SOURCE_URL_VAR, "TERN_EC2_DATABASE_URL")
+FAILOVER_KINDS = ("failover-ec2", "failover-aurora")   # the runs whose snapshots (labelled by run id) go too
 
 
 @dataclass
@@ -107,6 +121,11 @@ class StackRehearsal:
     confirm: Callable[[str], bool] = lambda question: False
     progress: Callable[[str], None] = lambda message: None
     host_for: Callable[[Any], Any] = default_host_for
+    app_for: Callable[[Any], Any] = default_app_for
+    # lift the fence (and seal) failover-ec2 left on the source: (source URL, its connection limit before)
+    unfence: Callable[[str, int], None] | None = None
+    # delete the snapshots labelled by these run ids in this region; returns the ids deleted, by kind
+    delete_snapshots: Callable[[list[str], str], dict[str, list[str]]] | None = None
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
     up_timeout: float = UP_TIMEOUT
@@ -127,12 +146,16 @@ class StackRehearsal:
         state_dir = Path(self.settings.state_dir)
         with RunLock(state_dir, KIND):
             journal = Journal.current(state_dir, KIND)
-            self._select()
+            self._exists()
             heroku_app = self.check_config()
             if journal is None:
                 question = (f"Create rehearsal stack {self.stack!r} (pulumi up: EC2, Aurora, DMS; it costs money "
                             f"while it runs), rehearse both hops on Heroku app {heroku_app!r} (its DATABASE_URL "
-                            f"moves twice), then destroy the stack{' (kept: --keep)' if self.keep else ''}?")
+                            f"moves twice), then "
+                            + ("leave the stack up (--keep)?" if self.keep else
+                               f"put {heroku_app!r} back on its source (fence lifted, DATABASE_URL back, tern's "
+                               "config vars removed) and destroy the stack? Everything the rehearsal app writes "
+                               "from hop 1 on goes to the stack and is DISCARDED with it"))
                 if not self.confirm(question):
                     raise PreflightError("rehearsal not confirmed; nothing was changed")
                 journal = Journal.create(state_dir, KIND, stack=self.stack, hops=self.hops, keep=self.keep,
@@ -174,6 +197,8 @@ class StackRehearsal:
             ]
         steps.append(Step("report", "the rehearsal's report", act=self._report))
         if not self.keep:
+            steps.append(Step("app-back", "the rehearsal app back on its source (fence lifted, DATABASE_URL back; "
+                                          "its writes since hop 1 are discarded with the stack)", act=self._app_back))
             steps.append(Step("teardown", f"tear stack {s} down (pulumi destroy, invoke teardown's rule)",
                               act=self._teardown, check=self._torn_down_already))
         return steps
@@ -188,11 +213,12 @@ class StackRehearsal:
         return self.run_dir / "report.json"
 
     # -- before anything ----------------------------------------------------------------------------------
-    def _select(self) -> None:
+    def _exists(self) -> None:
+        """The stack exists, asked with ``-s`` (``pulumi stack select`` would change the operator's selected stack)."""
         try:
-            self._pulumi(["stack", "select", self.stack], timeout=READ_TIMEOUT)
+            self._pulumi(["stack", "output", "--json", "-s", self.stack], timeout=READ_TIMEOUT)
         except RunbookError as exc:
-            raise ConfigError(f"stack {self.stack!r} cannot be selected in the Pulumi backend you are logged in "
+            raise ConfigError(f"stack {self.stack!r} cannot be read in the Pulumi backend you are logged in "
                               f"to (`pulumi whoami -v`; create it with `pulumi stack init {self.stack}`): {exc}") from None
 
     def check_config(self) -> str:
@@ -347,15 +373,118 @@ class StackRehearsal:
         assert self.journal is not None
         return self.journal.started("teardown") and self._resources_left() == {}
 
+    def _app_back(self, ctx: _Ctx | None) -> dict[str, Any]:
+        """The rehearsal app back on its source before the stack goes: the fence (and hop 1's seal) lifted on
+        the source first - the app must not restart onto a database that refuses it - then ``DATABASE_URL`` set
+        back to the source's URL, the config vars tern wrote removed, maintenance off. Idempotent: each part is
+        done only when not already so (the lift's statements set what they set). RunbookError when the app
+        cannot be put back: the caller then destroys nothing."""
+        from .pg import url_endpoint
+
+        assert self.journal is not None
+        if not self.journal.started("failover-ec2"):
+            return {"detail": "the app never moved (no failover ran)"}
+        o = self.outputs
+        app = self.app_for(o.app)
+        var = o.source.database_url_var
+        saved, current = app.config_var(SOURCE_URL_VAR), app.config_var(var)
+        source = saved or current
+        stack_hosts = {(r.host, r.port) for r in o.replicas} | {(o.aurora.writer_endpoint, o.aurora.port)}
+        if o.pooler is not None:
+            stack_hosts.add((o.pooler.host, o.pooler.port))
+        if not source or (not saved and url_endpoint(source)[:2] in stack_hosts):
+            where = "is not set" if not source else "names {}:{} on stack {}".format(*url_endpoint(source)[:2], self.stack)
+            raise RunbookError(f"the app's {var} {where} and {SOURCE_URL_VAR} is not set: tern does not know the "
+                               f"source's URL. Set it (heroku config:set {var}=<the source's URL> -a {o.app.name}), "
+                               "then run the same command again")
+        host, port, db = url_endpoint(source)
+        fenced = self._fenced_source_limit()
+        lifted = ""
+        if fenced is not None:
+            try:
+                (self.unfence or self._lift_fence)(source, fenced)
+            except (RunbookError, OSError) as exc:
+                raise RunbookError(
+                    f"cannot lift the fence on the source {host}:{port}/{db}, so the app cannot go back to it: "
+                    f"{redact(exc)}. Make the source reachable and run the same command again; or, as the database's "
+                    f"owner from another database: ALTER DATABASE {db} CONNECTION LIMIT {fenced}; ALTER DATABASE {db} "
+                    f"RESET default_transaction_read_only; ALTER ROLE <the app's role> RESET "
+                    f"default_transaction_read_only; then heroku config:set {var}=<the source's URL> -a {o.app.name}"
+                    ) from None
+            lifted = f"fence lifted on {host}:{port}/{db} (connection limit {fenced}); "
+        changes: dict[str, str | None] = {} if current == source else {var: source}
+        changes.update({name: None for name in TERN_APP_VARS if app.config_var(name) is not None})
+        if app.maintenance():
+            app.set_maintenance(False)
+        app.set_config_vars(changes)      # one release: the app restarts on the source
+        now = app.config_var(var)
+        if not now or url_endpoint(now)[:2] != (host, port):
+            raise RunbookError(f"the app's {var} does not name the source {host}:{port} after it was set back")
+        removed = [k for k in changes if k != var]
+        return {"detail": f"{lifted}{var} -> the source {host}:{port}/{db}"
+                          + (f"; removed {', '.join(removed)}" if removed else "")
+                          + "; the rehearsal app's writes since hop 1 are discarded with the stack"}
+
+    def _lift_fence(self, url: str, previous_limit: int) -> None:
+        import psycopg
+
+        from .failover import fence as fence_mod
+
+        try:
+            fence_mod.lift(url, None, previous_limit=previous_limit, timeout=self.settings.connect_timeout)
+        except psycopg.Error as exc:
+            raise RunbookError(str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__) from None
+
+    def _rehearsal_runs(self, kinds: tuple[str, ...]) -> list[Journal]:
+        """The failover runs this rehearsal started (created after it, in the stack's state directory), oldest first."""
+        assert self.journal is not None
+        since = self.journal.events[0]["ts"] if self.journal.events else 0.0
+        runs_dir = Path(self.settings.state_dir) / "runs"
+        found = []
+        for d in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
+            if d.is_dir() and d.name.startswith(tuple(k + "-" for k in kinds)):
+                j = Journal.load(Path(self.settings.state_dir), d.name)
+                if j.events and j.events[0]["ts"] >= since:
+                    found.append(j)
+        return sorted(found, key=lambda j: j.events[0]["ts"])
+
+    def _fenced_source_limit(self) -> int | None:
+        """The source's connection limit before the fence, when this rehearsal's failover-ec2 fenced it; else None."""
+        fenced = [j for j in self._rehearsal_runs(("failover-ec2",)) if j.started("fence")]
+        if not fenced:
+            return None
+        limit = fenced[-1].context().get("source_connection_limit")
+        return -1 if limit is None else int(limit)
+
     def _teardown(self, ctx: _Ctx | None) -> dict[str, Any]:
         from . import client_tls
 
-        check_rehearsal(self.stack, self.project_dir)
+        assert self.journal is not None
+        # a first `pulumi up` that failed half-way saved no outputs: this run checked the stack before its up
+        check_rehearsal(self.stack, self.project_dir, checked_before_up=self.journal.started("pulumi-up"))
+        labels = [j.run_id for j in self._rehearsal_runs(FAILOVER_KINDS)]
+        region = self.outputs.region if labels else None      # read before the destroy takes the outputs
         destroy(self.stack, self.project_dir, progress=self.progress, timeout=self.destroy_timeout,
                 log=self.run_dir / "pulumi-destroy.log")
         # the hosts that trusted tern's client certificate are gone: the next rehearsal makes a new one
         client_tls.forget(Path(self.settings.state_dir))
-        return {"detail": f"pulumi destroy done; the empty stack and Pulumi.{self.stack}.yaml stay"}
+        detail = f"pulumi destroy done; the empty stack and Pulumi.{self.stack}.yaml stay"
+        snapshots: dict[str, Any] = {"labels": labels}
+        if labels:
+            try:
+                snapshots["deleted"] = (self.delete_snapshots or _delete_snapshots)(labels, region)
+                gone = [i for ids in snapshots["deleted"].values() for i in ids]
+                detail += f"; this rehearsal's snapshots deleted: {', '.join(gone) or 'none were taken'}"
+            except (RunbookError, OSError) as exc:
+                snapshots["left"] = redact(exc)
+                detail += (f"; SNAPSHOTS LEFT (they cost money): the EBS snapshots tagged tern:label and the Aurora "
+                           f"cluster snapshots tern-<label> for labels {', '.join(labels)} in {region} "
+                           f"(could not delete them: {redact(exc)})")
+        if self.report_path.exists():
+            report = json.loads(self.report_path.read_text())
+            report["teardown"] = {"detail": detail, "snapshots": snapshots}
+            self._save("report.json", report)
+        return {"detail": detail}
 
     # -- failures -------------------------------------------------------------------------------------------
     def _failed(self, exc: StepError) -> None:
@@ -363,6 +492,11 @@ class StackRehearsal:
         step = exc.context.get("step")
         failed = [e for e in self.journal.events if e["step"] == step and e["event"] == "failed"]
         reason = (failed[-1].get("detail") if failed else None) or redact(exc)
+        if step == "app-back":
+            raise StepError(f"the rehearsal on {self.stack} completed (report: {self.report_path}), but the app "
+                            f"could not be put back on its source, so the stack was NOT destroyed: {reason}; STILL "
+                            f"UP: {self._left_up()}; run the same command again once that is fixed (it puts the app "
+                            f"back, then tears the stack down; nothing else runs again)", step="app-back") from None
         if step == "teardown":
             raise StepError(f"the rehearsal on {self.stack} completed (report: {self.report_path}), but its "
                             f"teardown failed: {reason}; STILL UP: {self._left_up()}; run the same command again "
@@ -379,7 +513,18 @@ class StackRehearsal:
     def _teardown_after_failure(self, reason: str) -> None:
         """Tear the stack down after ``reason``; always raises StepError (the rehearsal failed)."""
         assert self.journal is not None
-        self.progress(f"the rehearsal failed ({reason}): tearing stack {self.stack} down")
+        self.progress(f"the rehearsal failed ({reason}): putting the app back, then tearing stack {self.stack} down")
+        if not self.journal.is_done("app-back"):
+            self.journal.record("app-back", "start", detail="after a failure")
+            try:
+                back = self._app_back(None)["detail"]
+            except (RunbookError, OSError) as a:
+                self.journal.record("app-back", "failed", detail=redact(a))
+                raise StepError(f"rehearsal on {self.stack} failed: {reason}; the app could not be put back on its "
+                                f"source, so the stack was NOT destroyed (STILL UP: {self._left_up()}): {redact(a)}; "
+                                f"then run the same command again (it puts the app back and tears the stack down; "
+                                f"nothing else runs again)", step="app-back") from None
+            self.journal.record("app-back", "done", detail=back)
         self.journal.record("teardown", "start", detail="after a failure")
         try:
             if self._resources_left() == {}:
@@ -443,6 +588,12 @@ class StackRehearsal:
         if not path.exists():
             raise RunbookError(f"{path} is missing: the step that writes it did not finish")
         return json.loads(path.read_text())
+
+
+def _delete_snapshots(labels: list[str], region: str) -> dict[str, list[str]]:
+    from .adapters.aws_snapshots import delete_labelled
+
+    return delete_labelled(labels, region=region)
 
 
 def as_root(node: Any) -> Any:

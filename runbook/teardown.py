@@ -89,8 +89,13 @@ def check_marked(stack: str, project_dir: Path, *, verb: str = "tear down", done
                              "stack (tern:rehearsal: true)")
 
 
-def check_rehearsal(stack: str, project_dir: Path) -> None:
-    """The whole rule: :func:`check_marked`, and the live stack's outputs say ``rehearsal: true``."""
+def check_rehearsal(stack: str, project_dir: Path, *, checked_before_up: bool = False) -> None:
+    """The whole rule: :func:`check_marked`, and the live stack's outputs say ``rehearsal: true``.
+
+    ``checked_before_up``: the caller checked this stack as a rehearsal (committed file and effective
+    config) before its own ``pulumi up`` started. Pulumi saves no outputs when a stack's first update
+    fails half-way, so such a stack's empty outputs (``{}``) are accepted then: that earlier check
+    vouches for what the up created. Outputs that say anything else are still refused."""
     check_marked(stack, project_dir)
     out = run_pulumi(["stack", "output", "--json", "-s", stack], cwd=project_dir, timeout=120)
     # no outputs (a stack never deployed, a failed update, a misread) prove nothing: refuse
@@ -99,6 +104,8 @@ def check_rehearsal(stack: str, project_dir: Path) -> None:
     except json.JSONDecodeError:
         raise PreflightError(f"refusing to tear down {stack!r}: its live outputs cannot be read "
                              "(pulumi printed no JSON)") from None
+    if checked_before_up and live == {}:
+        return
     if not isinstance(live, dict) or not live:
         raise PreflightError(f"refusing to tear down {stack!r}: it has no live outputs, so nothing says it is a "
                              "rehearsal stack (destroy it by hand if it really is one)")

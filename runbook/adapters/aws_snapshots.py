@@ -27,6 +27,11 @@ from .aws_calls import aws_call, client as aws_client, error_code, refused, tran
 NOT_FOUND = "InvalidSnapshot.NotFound"
 
 
+def aurora_snapshot_id(label: str) -> str:
+    """The Aurora cluster snapshot's identifier for a run's label."""
+    return f"tern-{label}".replace("_", "-").lower()[:63]
+
+
 class EbsSnapshots:
     def __init__(self, replica, *, ec2=None, sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic, poll_interval: float = 10.0,
@@ -121,7 +126,7 @@ class AuroraSnapshots:
         self.poll_interval = poll_interval
 
     def _id(self, label: str) -> str:
-        return f"tern-{label}".replace("_", "-").lower()[:63]
+        return aurora_snapshot_id(label)
 
     def _state(self, label: str) -> str | None:
         try:
@@ -148,3 +153,33 @@ class AuroraSnapshots:
             if time.monotonic() > deadline:
                 raise TimeoutExpired(f"Aurora snapshot {self._id(label)} still {state} after {timeout:.0f}s")
             self.sleep(self.poll_interval)
+
+
+def delete_labelled(labels: list[str], *, region: str | None, ec2=None, rds=None,
+                    sleep: Callable[[float], None] = time.sleep) -> dict[str, list[str]]:
+    """Delete the snapshots tern took under ``labels`` (each a failover run's id: its ``tern:label`` tag,
+    and the Aurora snapshot's identifier): EBS snapshots and Aurora cluster snapshots are kept by AWS, and
+    paid for, after their volume or cluster is destroyed. Only these labels' are touched; one already
+    gone is skipped (idempotent). Returns the ids deleted, by kind; RunbookError names what is left."""
+    deleted: dict[str, list[str]] = {"ebs": [], "aurora": []}
+    if not labels:
+        return deleted
+    ec2 = ec2 if ec2 is not None else aws_client("ec2", region)
+    retry = {"sleep": sleep, "attempts": 6}
+    snaps = aws_call(ec2.describe_snapshots, what="EC2 DescribeSnapshots", OwnerIds=["self"],
+                     Filters=[{"Name": "tag:tern:label", "Values": list(labels)}], **retry)["Snapshots"]
+    for snap in snaps:
+        aws_call(ec2.delete_snapshot, what=f"EC2 DeleteSnapshot {snap['SnapshotId']}", absent=(NOT_FOUND,),
+                 SnapshotId=snap["SnapshotId"], **retry)
+        deleted["ebs"].append(snap["SnapshotId"])
+    rds = rds if rds is not None else aws_client("rds", region)
+    for label in labels:
+        snap_id = aurora_snapshot_id(label)
+        found = aws_call(rds.describe_db_cluster_snapshots, what=f"RDS DescribeDBClusterSnapshots {snap_id}",
+                         absent=("DBClusterSnapshotNotFoundFault",), DBClusterSnapshotIdentifier=snap_id, **retry)
+        if not found or not found.get("DBClusterSnapshots"):
+            continue
+        aws_call(rds.delete_db_cluster_snapshot, what=f"RDS DeleteDBClusterSnapshot {snap_id}",
+                 absent=("DBClusterSnapshotNotFoundFault",), DBClusterSnapshotIdentifier=snap_id, **retry)
+        deleted["aurora"].append(snap_id)
+    return deleted

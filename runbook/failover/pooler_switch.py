@@ -110,7 +110,8 @@ def _point_at_source(ctx: Context, source: str) -> list[str]:
             raise PreflightError(f"the app writes through the pooler, but node(s) {'; '.join(elsewhere)} serve another "
                                  f"database than the source ({target}): the app's writes through them went there. "
                                  "Point them at the source (or take them out of the load balancer) and run again")
-    return pooler_mod.point(p, target, timeout=ctx.settings.connect_timeout)
+    # outside the window: each node's file checked too, so that a restart keeps serving the source
+    return pooler_mod.point(p, target, timeout=ctx.settings.connect_timeout, check_files=True)
 
 
 def _app_verifier(ctx: Context, role: str, database: str) -> str:
@@ -164,13 +165,53 @@ def auth_done(ctx: Context) -> bool:
 
 
 def auth_out(ctx: Context) -> None:
-    """Revert of ``pooler_auth``: the app role's line out of the auth_file of the nodes this run wrote, unless
-    the app writes through the pooler (then it needs them). Runs after ``pooler_out`` moved the app back."""
+    """Revert of ``pooler_auth``: the app role's line out of the auth_file of the nodes this run wrote - never
+    while the app uses the pooler. Runs right after ``pooler_out`` changed the app's URL back, but the old
+    processes go on through the pooler until they stop (Heroku's preboot keeps them serving meanwhile): the
+    line goes only once the app is seen writing to the source directly (its smoke test there, after
+    ``pooler_out``) and no client of the role is left on any node, within a bound. Not seen in time: the line
+    stays - harmless, it is the role's own verifier - and the journal says so (``pooler_auth_kept``), rather
+    than cutting the late processes off."""
     names = ctx.data.pooler_auth_written or []
-    if not names or app_on_pooler(ctx):
+    if not names:
         return
-    pooler_mod.drop_app_auth(ctx.outputs.pooler, url_user(ctx.source_url()), names,
-                             timeout=ctx.settings.connect_timeout)
+    role = url_user(ctx.source_url())
+    if app_on_pooler(ctx):
+        ctx.checkpoint(pooler_auth_kept=f"the app writes through the pooler: {role}'s line kept in the auth_file "
+                                        f"of {', '.join(names)}")
+        return
+    why = _app_left_pooler(ctx, role)
+    if why:
+        ctx.checkpoint(pooler_auth_kept=f"{role}'s line kept in the auth_file of {', '.join(names)} (harmless: its "
+                                        f"own verifier; remove it and RELOAD once nothing uses the pooler): {why}")
+        ctx.say(f"pooler_auth: {role}'s verifier left in the pooler's auth_file: {why}")
+        return
+    pooler_mod.drop_app_auth(ctx.outputs.pooler, role, names, timeout=ctx.settings.connect_timeout)
+
+
+def _app_left_pooler(ctx: Context, role: str) -> str | None:
+    """None once the app writes to the source directly (its smoke test there since ``pooler_out`` changed its
+    URL, when this run moved it) and no client of ``role`` is left on the pooler; else why not, after the
+    bound (the smoke test's plus the processes' stop, as ``pooler_in`` waits)."""
+    bound = ctx.settings.smoke_timeout + ctx.settings.stop_app_timeout
+    deadline = time.monotonic() + bound
+    if ctx.data.pooler_out_at:
+        host, port = ctx.source_endpoint()
+        try:
+            ctx.app.smoke_test(host, port, since=ctx.data.pooler_out_at, timeout=bound)
+        except RunbookError as exc:
+            return f"the app was not seen writing to the source directly: {exc}"
+    left: list[str] = []
+    while True:
+        try:
+            left = pooler_mod.app_clients(ctx.outputs.pooler, role, timeout=ctx.settings.connect_timeout)
+        except RunbookError as exc:
+            left = [str(exc)]
+        if not left:
+            return None
+        if time.monotonic() >= deadline:
+            return f"still on the pooler after {bound:.0f}s: {'; '.join(left[:5])}"
+        time.sleep(0.5)
 
 
 def auth_step():
@@ -205,6 +246,8 @@ def pooler_in(ctx: Context) -> dict[str, Any]:
         return {"app_endpoint": endpoint(ctx),
                 "detail": f"the app already writes through the pooler ({'; '.join(done)})"}
     since = time.time()
+    # journaled before the change: a fallback moves the app back only if this run moved it
+    ctx.checkpoint(pooler_in_at=since)
     ctx.app.set_config_vars({var: pooler_mod.app_url(p, source), SOURCE_URL_VAR: source})
     # Heroku restarts every dyno now: wait until the app writes again, through the pooler, before freezing
     seen = ctx.app.smoke_test(p.host, p.port, since=since, timeout=ctx.settings.smoke_timeout
@@ -243,10 +286,15 @@ def resume(ctx: Context) -> None:
 
 
 def pooler_out(ctx: Context) -> None:
-    """Revert of ``pooler_in``: the app's URL back to the source's (one more restart); nothing was frozen yet."""
-    var = ctx.outputs.source.database_url_var
-    if app_on_pooler(ctx):
-        ctx.app.set_config_vars({var: ctx.source_url()})
+    """Revert of ``pooler_in``: the app's URL back to the source's (one more restart); nothing was frozen yet.
+    Only when this run moved it there (``pooler_in_at``): an app that wrote through the pooler before the run
+    stays on it. When the change was made is journaled first (``pooler_auth``'s revert waits for the app to
+    write to the source directly after it)."""
+    if not ctx.data.pooler_in_at or not app_on_pooler(ctx):
+        return
+    if not ctx.data.pooler_out_at:
+        ctx.checkpoint(pooler_out_at=time.time())
+    ctx.app.set_config_vars({ctx.outputs.source.database_url_var: ctx.source_url()})
 
 
 def pause_step():
@@ -274,6 +322,11 @@ def switch_to(ctx: Context, url: str) -> dict[str, Any]:
     target = pooler_mod.Target.of_url(url)
     done = pooler_mod.point(p, target, timeout=ctx.settings.connect_timeout)
     failed = pooler_mod.resume_all(p, connect_timeout=ctx.settings.connect_timeout)
+    # a node that is not running holds no client and starts unpaused, serving the file point() wrote; with
+    # no node answering at all, nothing serves the app: an error (the run stops; started again, it resumes)
+    down = [f for f in failed if "cannot reach its admin console" in f]
+    if len(down) < len(p.nodes):
+        failed = [f for f in failed if f not in down]
     if failed:
         raise RunbookError(f"the pooler names {target} but could not be resumed: " + "; ".join(failed)
                            + " - " + RESUME_HINT)

@@ -58,6 +58,8 @@ class RunState(MutableMapping[str, Any]):
     # -- the window ----------------------------------------------------------------------------
     pooler_in_at: float | None = None             # pooler mode, hop 1: the app moved onto the pooler
     pooler_auth_written: list[str] | None = None  # pooler mode, hop 1: nodes whose auth_file tern may have changed
+    pooler_out_at: float | None = None            # pooler mode, hop 1, a fallback: the app's URL back to the source
+    pooler_auth_kept: str | None = None           # pooler mode, hop 1, a fallback: why the app role's line stayed
     maintenance_at: float | None = None           # epoch seconds, as every *_at (pooler mode: PAUSE began)
     paused_seconds: float | None = None           # pooler mode: how long PAUSE waited for transactions
     fenced_at: float | None = None

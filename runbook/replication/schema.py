@@ -21,6 +21,7 @@ from psycopg import sql
 from ..errors import DatabaseError, PreflightError
 from ..pg import url_user
 from ..postgres import PgHost, literal
+from ..redact import register_secret
 
 ENTRY = re.compile(r"^--\n-- (?:Name|Data for Name): .*?; Type: (?P<type>[A-Z ]+);", re.M)
 HEADER = re.compile(r"^-- Name: (?P<name>.*?); Type: (?P<type>[A-Z ]+); Schema: (?P<schema>[^;]*);", re.M)
@@ -101,11 +102,16 @@ def split_post_data(text: str) -> tuple[str, str]:
 
 def copy_role(leader: PgHost, database: str, aurora: psycopg.Connection, role: str, master: str) -> str:
     """The app's role on Aurora with the leader's password verifier; the master a member; the app's
-    database owned by it. Returns what was done."""
-    row = leader.query_one(f"SELECT rolpassword AS v FROM pg_authid WHERE rolname = {literal(role)}",
-                           database=database)
-    verifier = row["v"]
-    if not verifier or not str(verifier).startswith("SCRAM-SHA-256$"):
+    database owned by it. Returns what was done.
+
+    The verifier is a secret (an offline guess at the password starts from it): it is read only where it
+    stays between tern and the server (:meth:`PgHost.query_private`: the local socket or TLS, never the
+    host's command channel, which keeps what it carries) and registered so that no message shows it."""
+    rows = leader.query_private(f"SELECT rolpassword AS v FROM pg_authid WHERE rolname = {literal(role)}",
+                                database=database)
+    verifier = str(rows[0]["v"]) if rows and rows[0].get("v") else ""
+    register_secret(verifier)
+    if not verifier.startswith("SCRAM-SHA-256$"):
         raise PreflightError(f"the app's role {role} has no SCRAM password on the leader: cannot copy it to Aurora")
     exists = aurora.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
     verb = "ALTER" if exists else "CREATE"

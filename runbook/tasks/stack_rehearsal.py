@@ -50,7 +50,8 @@ def rehearse_on_stack(c, stack, *, hops: int, keep: bool, json: bool, switch, ye
     for r in ([report["failover_ec2"]] if report.get("failover_ec2") else []) + [report]:
         render_report(r, show)
     torn = "left up (--keep): `invoke teardown --stack " + stack + " --yes` when done" if rehearsal.keep \
-        else "torn down (pulumi destroy; the empty stack stays for the next rehearsal)"
+        else ("torn down after the app went back on its source (its writes since hop 1 were discarded with the "
+              f"stack): {(report.get('teardown') or {}).get('detail') or 'pulumi destroy done'}")
     show.print(f"rehearsal on stack {stack}: report saved in {rehearsal.report_path}; the stack was {torn}",
                markup=False)
     if report.get("missing_on_target") or (report.get("failover_ec2") or {}).get("missing_on_target"):

@@ -579,3 +579,125 @@ def test_admin_commands_are_bounded_when_a_console_never_answers(sb, two, tmp_pa
     finally:
         os.kill(pid, signal.SIGCONT)
     pl.Admin(two, two.nodes[1], timeout=TIMEOUT).check()
+
+
+def start_pgbouncer(sb, node) -> None:
+    """Start the node's PgBouncer again (as its service would) and wait until its console answers."""
+    ini = str(Path(node.auth_file).parent / "pgbouncer.ini")
+    LocalHost(node.name, sb.os_user).run([build.pgbouncer_binary(), "-d", "-q", ini], timeout=60)
+
+
+def stop_pgbouncer(node) -> None:
+    pid = pgbouncer_pid(node)
+    os.kill(pid, signal.SIGINT)
+    deadline = time.monotonic() + 10
+    while build._pid_alive(pid):
+        assert time.monotonic() < deadline, f"{node.name}'s PgBouncer did not stop"
+        time.sleep(0.05)
+
+
+def test_a_node_down_during_the_switch_comes_back_serving_the_new_database(sb, two):
+    a, b = two.nodes
+    port = sb.state()["nodes"]["source"]["port"]
+    src, other = pl.Target("127.0.0.1", port, "app"), pl.Target("localhost", port, "app")
+    stop_pgbouncer(b)
+    try:
+        # its console does not answer: its file is rewritten through its command channel all the same
+        done = pl.point(two, other, timeout=TIMEOUT)
+        assert done[0] == f"pooler-a -> {other}" and done[1].startswith(f"pooler-b not running: {b.databases_file} "
+                                                                        f"names {other}")
+        assert pl.file_target(two, b) == other
+        start_pgbouncer(sb, b)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                served = pl.current_target(two, b)
+                break
+            except DatabaseError:
+                assert time.monotonic() < deadline, "pooler-b did not come back"
+                time.sleep(0.1)
+        assert served == other and pl.current_target(two) == other
+        # already serving, but its file names another database (edited, never reloaded): outside the window
+        # point() rewrites it, so that a restart keeps serving what it serves now; inside it leaves the file
+        LocalHost(b.name, sb.os_user).write_file(b.databases_file, pl.databases_text("app", src))
+        assert pl.point(two, other, timeout=TIMEOUT)[1] == f"pooler-b already -> {other}"
+        assert pl.file_target(two, b) == src
+        assert pl.point(two, other, timeout=TIMEOUT, check_files=True) == [
+            f"pooler-a already -> {other}", f"pooler-b already -> {other} (its file named another database: rewritten)"]
+        assert pl.file_target(two, b) == other and pl.current_target(two, b) == other
+    finally:
+        if not build._pid_alive(pgbouncer_pid(b)):
+            start_pgbouncer(sb, b)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                pl.point(two, src, timeout=TIMEOUT)
+                break
+            except DatabaseError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+    assert pl.current_target(two) == src
+
+
+def fallback_ctx(sb, pooler: Pooler, *, app_url: str, **data):
+    """A fake ctx for the fallback's reverts: records the config-var changes and the checkpoints (as the
+    runner journals them), and a smoke test that proves a write through the app's URL if it names the source."""
+    from runbook.failover.state import RunState
+
+    ctx = fake_ctx(sb, pooler, app_url=app_url)
+    urls = {"DATABASE_URL": app_url}
+    changes, said = [], []
+    state = RunState.from_context(data)
+
+    def smoke_test(host, port, *, since, timeout):
+        assert url_endpoint(urls["DATABASE_URL"])[:2] == (host, port)
+        with psycopg.connect(urls["DATABASE_URL"], connect_timeout=int(TIMEOUT)) as conn:
+            conn.execute("SELECT 1")
+        return f"wrote through {host}:{port}"
+
+    ctx.app = SimpleNamespace(config_var=lambda name: urls.get(name), smoke_test=smoke_test,
+                              set_config_vars=lambda c: (changes.append(dict(c)), urls.update(c)))
+    ctx.settings = Settings(connect_timeout=TIMEOUT, smoke_timeout=1.0, stop_app_timeout=1.0)
+    ctx.data, ctx.changes, ctx.said = state, changes, said
+    ctx.checkpoint = lambda **f: state.update(f)
+    ctx.say = said.append
+    ctx.source_endpoint = lambda: tuple(url_endpoint(source_url(sb))[:2])
+    return ctx
+
+
+def test_a_fallback_leaves_an_app_already_on_the_pooler_and_removes_the_role_only_once_unused(sb, two):
+    b = two.nodes[1]
+    through_b = pl.app_url(two, source_url(sb), b)
+    _, written = pl.ensure_app_auth(two, pooled_url(sb, two), lambda: verifier(sb), timeout=TIMEOUT)
+    assert written == ["pooler-b"]
+    try:
+        # the app wrote through the pooler before the run: pooler_in did nothing, the fallback moves nothing
+        before = fallback_ctx(sb, two, app_url=pooled_url(sb, two), pooler_auth_written=["pooler-b"])
+        pooler_switch.pooler_out(before)
+        pooler_switch.auth_out(before)
+        assert before.changes == [] and "the app writes through the pooler" in before.data.pooler_auth_kept
+        pl.check_app_login(two, through_b, timeout=TIMEOUT, node=b)
+        # this run moved it: back to the source, but a client of the role still on pooler-b (an old dyno the
+        # preboot keeps serving) keeps its line there, and the journal says why
+        moved = fallback_ctx(sb, two, app_url=pooled_url(sb, two), pooler_in_at=time.time() - 5,
+                             pooler_auth_written=["pooler-b"])
+        with connect(through_b, autocommit=True, application_name="old-dyno") as old_dyno:
+            old_dyno.execute("SELECT 1")
+            pooler_switch.pooler_out(moved)
+            assert moved.changes == [{"DATABASE_URL": source_url(sb)}] and moved.data.pooler_out_at
+            pooler_switch.auth_out(moved)
+            assert "still on the pooler after 2s: pooler-b: " in moved.data.pooler_auth_kept, moved.data
+            assert moved.said and '"app" ' in Path(b.auth_file).read_text()
+            assert old_dyno.execute("SELECT 2").fetchone()[0] == 2          # not cut off
+        # that process gone: the revert (run again) removes the line this run wrote, from pooler-b only
+        moved.data.pooler_auth_kept = None
+        pooler_switch.pooler_out(moved)
+        assert len(moved.changes) == 1                                    # the app is on the source already
+        pooler_switch.auth_out(moved)
+        assert moved.data.pooler_auth_kept is None
+        assert '"app" ' not in Path(b.auth_file).read_text()
+        with pytest.raises(DatabaseError, match="does not let the app's role through"):
+            pl.check_app_login(two, through_b, timeout=TIMEOUT, node=b)
+        pl.check_app_login(two, pl.app_url(two, source_url(sb), two.nodes[0]), timeout=TIMEOUT, node=two.nodes[0])
+    finally:
+        pl.drop_app_auth(two, "app", ["pooler-b"], timeout=TIMEOUT)

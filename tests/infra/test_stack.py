@@ -241,6 +241,20 @@ def test_zones_protection_and_deletion_protection(built):
     return all_registered(stack).apply(check)
 
 
+@pulumi.runtime.test
+def test_a_rehearsals_data_volumes_go_with_its_instances_prods_stay(built):
+    """A rehearsal's `pulumi destroy` leaves no paid volume behind; prod's data outlives a termination."""
+    stack_name, stack, mocks = built
+
+    def check(_):
+        (lt_name, lt), = of_type(mocks, "aws:ec2/launchTemplate:LaunchTemplate")
+        volumes = {b["deviceName"]: b["ebs"]["deleteOnTermination"] for b in lt["blockDeviceMappings"]}
+        assert volumes == {"/dev/xvda": "true", "/dev/xvdf": "false" if stack_name == "prod" else "true"}
+        return True
+
+    return all_registered(stack).apply(check)
+
+
 def test_config_guards():
     from infra.config import from_mapping
 

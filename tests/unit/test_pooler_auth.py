@@ -81,3 +81,63 @@ def test_a_missing_key_is_an_error_saying_run_again(node):
     host, auth = node
     with pytest.raises(CommandError, match="no key at .*run again"):
         host.run(["sh", "-c", pl.AUTH_SH, "sh", str(auth), "app", "put", pl.AUTH_PY], input="AAAA\n", timeout=60)
+
+
+class _LeaderHost:
+    """An EC2 leader's host as tern reaches it over SSM (no socket of its own): every command it would carry
+    is recorded, and refused - SSM keeps each command and its output."""
+
+    local_socket = False
+    name = "ec2-leader"
+
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+
+    def run(self, argv, **kw):
+        self.commands.append(" ".join(map(str, argv)))
+        raise AssertionError("the app role's verifier went through the command channel")
+
+
+class _Aurora:
+    """What copy_role sends to Aurora: each statement, rendered."""
+
+    def __init__(self) -> None:
+        self.statements: list[str] = []
+
+    def execute(self, query, params=None):
+        from types import SimpleNamespace
+
+        text = query if isinstance(query, str) else query.as_string(None)
+        self.statements.append(text)
+        row = ("app",) if "current_database" in text else None
+        return SimpleNamespace(fetchone=lambda: row)
+
+
+def test_copy_role_reads_the_verifier_over_tls_or_not_at_all_never_through_the_command_channel(monkeypatch):
+    from runbook.errors import DatabaseError
+    from runbook.postgres import PgHost
+    from runbook.redact import redact
+    from runbook.replication.schema import copy_role
+
+    host, aurora = _LeaderHost(), _Aurora()
+    leader = PgHost(host, bin_dir="/usr/lib/postgresql/16/bin", data_dir="/d", socket_dir="/s", port=5432,
+                    superuser="postgres")
+    # no TLS to the leader (no client certificate): refused, nothing carried, nothing sent to Aurora
+    with pytest.raises(DatabaseError, match="may not go through the host's command channel"):
+        copy_role(leader, "app", aurora, "app", "tern_master")
+    assert host.commands == [] and aurora.statements == []
+    # over TLS: the verifier arrives, Aurora gets it, the command channel still carried nothing
+    secret = scram_verifier("Leader-pw-" + os.urandom(4).hex())
+    asked: list[str] = []
+
+    def over_tls(self, statement, database, timeout):
+        asked.append(statement)
+        return '[{"v": "%s"}]' % secret
+
+    monkeypatch.setattr(PgHost, "over_tls", property(lambda self: True))
+    monkeypatch.setattr(PgHost, "_psql_tls", over_tls)
+    done = copy_role(leader, "app", aurora, "app", "tern_master")
+    assert host.commands == [] and len(asked) == 1 and "pg_authid" in asked[0]
+    assert done == "role app created on Aurora (same password verifier), owns app"
+    assert any(s.startswith('CREATE ROLE "app" LOGIN PASSWORD ') and secret in s for s in aurora.statements)
+    assert secret not in done and redact(f"x {secret} y") == "x *** y"   # registered: no message shows it

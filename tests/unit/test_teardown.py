@@ -122,3 +122,27 @@ def test_teardown_removes_terns_client_certificate_for_the_stack_only(fake_pulum
     assert not (state / "dev" / "tls").exists() and (state / "dev" / "runs").is_dir()
     assert client_tls.existing(state / "local") is not None
     assert "client certificate for dev removed" in res.stderr
+
+
+@pytest.mark.parametrize("printed, why", [
+    ("{}", None),                              # a first `up` that failed half-way saved no outputs
+    ("", "cannot be read"),
+    (json.dumps({"rehearsal": False}), "live outputs do not say rehearsal"),
+])
+def test_a_stack_checked_before_its_up_may_have_no_outputs(fake_pulumi, monkeypatch, printed, why):
+    """``invoke rehearse --stack`` checked the stack (committed file, effective config) before its own `up`:
+    empty outputs are accepted then, and nothing else that says otherwise."""
+    from runbook.errors import PreflightError
+    from runbook.teardown import check_rehearsal
+
+    env, log = fake_pulumi
+    for k in ("PATH", "FAKE_PULUMI_LOG"):
+        monkeypatch.setenv(k, env[k])
+    monkeypatch.setenv("FAKE_PULUMI_OUTPUTS", printed)
+    if why is None:
+        check_rehearsal("dev", ROOT, checked_before_up=True)
+        with pytest.raises(PreflightError, match="has no live outputs"):     # not without that earlier check
+            check_rehearsal("dev", ROOT)
+    else:
+        with pytest.raises(PreflightError, match=why):
+            check_rehearsal("dev", ROOT, checked_before_up=True)
