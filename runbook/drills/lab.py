@@ -38,6 +38,20 @@ ARCHIVE_VIEW = "archive-view"
 UNREACHABLE = ".unreachable"   # an empty directory the view's wal link points at while it is cut
 
 
+def node(sb: Sandbox, name: str, state: dict[str, Any] | None = None):
+    """A sandbox server, logging where its first start put it: a restored replica logs to the file its
+    marker names (``invoke restore`` starts it so, and the repoint reads PostgreSQL's own verdicts there);
+    ``Sandbox.node`` would start it logging elsewhere."""
+    pg = sb.node(name, state)
+    try:
+        logged = pg.read_marker().get("log_file")
+    except Exception:  # noqa: BLE001 - no marker: the sandbox's own log
+        logged = None
+    if logged:
+        pg.log_file = logged
+    return pg
+
+
 @dataclass
 class Box:
     """One drill run's sandbox: a fresh copy of the pristine one, running, with the app writing."""
@@ -50,6 +64,10 @@ class Box:
     @property
     def outputs(self) -> Outputs:
         return load("local", self.sb.root)
+
+    def node(self, name: str):
+        """A server of this sandbox (see :func:`node`)."""
+        return node(self.sb, name)
 
     @property
     def state_root(self) -> Path:
@@ -217,15 +235,15 @@ class Lab:
         """A copy of the pristine sandbox of ``hop`` at the work path, every server and the app running."""
         self.prepare(hop)
         self._clear_work()
-        self._release_ports()
         self.work.mkdir()
         os.chmod(self.work, 0o755)
         pristine = self.pristine_dir(hop)
         for entry in pristine.iterdir():
             self._copy(entry, self.work / entry.name)
+        self._release_ports()                  # just before the servers bind them
         sb = Sandbox(self.work / "sandbox", pg_bindir=self.base.pg_bindir)
         state = sb.state()
-        parallel([lambda n=n: sb.node(n, state).start(timeout=60) for n in state["nodes"]])
+        parallel([lambda n=n: node(sb, n, state).start(timeout=60) for n in state["nodes"]])
         app = sb.app()
         app.scale(app.formation(), timeout=30)
         if hop == 2:
@@ -279,8 +297,16 @@ class Lab:
             self._hold_ports(self.pristine_dir(1))
 
     def _clear_work(self) -> None:
-        """The work sandbox's app and servers stopped at once (``immediate``: it is thrown away), removed."""
+        """The work sandbox's app and servers stopped at once (``immediate``: it is thrown away), removed
+        (with whatever a drill mounted in it and did not unmount)."""
         sandbox = self.work / "sandbox"
+        try:
+            mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+        except OSError:
+            mounts = []
+        for m in mounts:
+            if m.startswith(str(self.work) + "/"):
+                subprocess.run(["umount", "-l", m], capture_output=True, timeout=30)
         if (sandbox / "sandbox.json").exists():
             sb = Sandbox(sandbox, pg_bindir=self.base.pg_bindir)
             if (sb.app_dir / "state.json").exists():
@@ -289,6 +315,10 @@ class Lab:
             parallel([lambda n=n: _stop_now(sb.node(n, state)) for n in state["nodes"]])
         if self.work.exists():
             shutil.rmtree(self.work, ignore_errors=True)
+        from ..sandbox import build
+
+        if hasattr(build, "release_ports"):
+            build.release_ports(sandbox)      # its port claims (this process holds the pristine's ports itself)
 
     def close(self) -> None:
         """Remove everything the lab built."""

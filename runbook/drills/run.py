@@ -403,8 +403,8 @@ def run_one(lab: Lab, scenario: Scenario, hop: int, seed: int, *, say: Callable[
             d.close()
         except Exception as exc:  # noqa: BLE001
             d.errors.append(f"cleanup failed: {redact(exc)}")
-    result.update(params=d.params, landed=d.landed, journal_failed_in=list(d.bit) if d.bit else None, events=d.events, errors=d.errors,
-                  seconds=round(time.monotonic() - t0, 1))
+    result.update(params=d.params, landed=d.landed, journal_failed_in=list(d.bit) if d.bit else None,
+                  events=d.events, errors=d.errors, seconds=round(time.monotonic() - t0, 1))
     result["ok"] = bool(result.get("outcome_ok")) and not d.errors and all(
         result.get(k) == 0 for k in ("lost", "duplicates", "post_fence", "unexplained", "torn"))
     if not result["ok"] and keep_dir is not None:
@@ -438,8 +438,8 @@ def _run(d: Drill, box: Box) -> dict[str, Any]:
     ended = time.time()
     watch.stop()
     if scenario.journal_may_lag and d.ctx is not None and getattr(d.ctx.runner, "journal_error", None):
-        # what reached the file (a write cut short by the full disk leaves a torn line, which is skipped)
-        d.bit = journal_failed_at(Journal.load(box.settings.state_dir, d.ctx.journal.run_id).events, STEPS[hop])
+        # the runner keeps exactly the events that reached the file (a record cut short is taken back)
+        d.bit = journal_failed_at(d.ctx.journal.events, STEPS[hop])
         d.note(f"the journal's first failed write: in {d.bit[0]} (after its {d.bit[1]!r} event)")
     d.join_timers()                           # the fault's own end (the node back, the partition healed)
     side = app_side(box, old)
