@@ -209,7 +209,7 @@ def test_restore_refuses_missing_archive_and_version_mismatch(tmp_root):
         e.sb.down(check_ledger=False)
 
 
-@pytest.mark.parametrize("step", subset(ec2.STEP_NAMES, {"flush", "promote"}))
+@pytest.mark.parametrize("step", subset(ec2.STEP_NAMES, {"promote"}))
 def test_killed_after_each_step_resumes_and_loses_nothing(env, step):
     env_vars = dict(os.environ, **{FAULT_KILL_AFTER: step})
     import subprocess
